@@ -1,0 +1,1 @@
+"""Password-source plugins run by plugin-runner."""
