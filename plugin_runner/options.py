@@ -1,0 +1,320 @@
+"""Options of plugin-runner: the GNU-style parser and the settings it fills.
+
+The same parser reads the real command line and the tokens of the
+configuration file.  Options are applied strictly in the order given, so
+that cumulative options (arguments, environment) keep their order and
+single-valued ones (directories, IDs) are won by the last occurrence.
+"""
+
+import os
+import sys
+
+DEFAULT_PLUGIN_DIR = "/lib/mandos/plugins.d"
+DEFAULT_HELPER_DIR = "/lib/mandos/plugin-helpers"
+DEFAULT_CONFIG_FILE = "/conf/conf.d/mandos/plugin-runner.conf"
+DEFAULT_ID = 65534
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to the kernel
+
+PROGRAM = "plugin-runner"
+
+
+class UsageError(Exception):
+    """A bad option, option value or argument."""
+
+
+class HelpRequested(Exception):
+    """--help, --usage or --version: print ``text`` on stdout and exit 0."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+class PluginRecord:
+    """Arguments, environment and the disabled flag for one plugin (or all)."""
+
+    __slots__ = ("name", "args", "env", "disabled")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.args: list[str] = []
+        self.env: dict[str, str] = {}
+        self.disabled = False
+
+
+class Settings:
+    """Everything the command line and the configuration file decide."""
+
+    __slots__ = ("plugin_dir", "helper_dir", "config_file", "uid", "gid",
+                 "debug", "global_record", "plugins")
+
+    def __init__(self) -> None:
+        self.plugin_dir = DEFAULT_PLUGIN_DIR
+        self.helper_dir = DEFAULT_HELPER_DIR
+        self.config_file = DEFAULT_CONFIG_FILE
+        self.uid = DEFAULT_ID
+        self.gid = DEFAULT_ID
+        self.debug = False
+        self.global_record = PluginRecord("Global")
+        self.plugins: dict[str, PluginRecord] = {}
+
+    def record(self, name: str) -> PluginRecord:
+        """Return the record of plugin ``name``, creating it on first mention."""
+        rec = self.plugins.get(name)
+        if rec is None:
+            rec = self.plugins[name] = PluginRecord(name)
+        return rec
+
+
+# (long name, short letter, takes an argument, placeholder for --help)
+OPTIONS = (
+    ("global-options", "g", True, "OPTION[,OPTION[,...]]"),
+    ("global-env", "G", True, "VAR=value"),
+    ("options-for", "o", True, "PLUGIN:OPTION[,OPTION[,...]]"),
+    ("env-for", "E", True, "PLUGIN:VAR=value"),
+    ("disable", "d", True, "PLUGIN"),
+    ("enable", "e", True, "PLUGIN"),
+    ("plugin-dir", None, True, "DIRECTORY"),
+    ("plugin-helper-dir", None, True, "DIRECTORY"),
+    ("config-file", None, True, "FILE"),
+    ("userid", None, True, "ID"),
+    ("groupid", None, True, "ID"),
+    ("debug", None, False, None),
+    ("help", "?", False, None),
+    ("usage", None, False, None),
+    ("version", "V", False, None),
+)
+_LONG = {name: takes for name, _, takes, _ in OPTIONS}
+_SHORT = {short: name for name, short, _, _ in OPTIONS if short}
+
+HELP_TEXT = """\
+Usage: plugin-runner [OPTION...]
+Run every password plugin in parallel and print the first password found.
+
+  -g, --global-options=OPTION[,OPTION[,...]]
+                             Arguments given to every plugin
+  -G, --global-env=VAR=value Environment variable given to every plugin
+  -o, --options-for=PLUGIN:OPTION[,OPTION[,...]]
+                             Arguments given only to PLUGIN
+  -E, --env-for=PLUGIN:VAR=value
+                             Environment variable given only to PLUGIN
+  -d, --disable=PLUGIN       Do not start PLUGIN
+  -e, --enable=PLUGIN        Start PLUGIN after all (undo --disable)
+      --plugin-dir=DIRECTORY Directory to run plugins from
+                             (default: /lib/mandos/plugins.d)
+      --plugin-helper-dir=DIRECTORY
+                             Directory of plugin helpers, exported to plugins
+                             as MANDOSPLUGINHELPERDIR
+                             (default: /lib/mandos/plugin-helpers)
+      --config-file=FILE     File with more options
+                             (default: /conf/conf.d/mandos/plugin-runner.conf)
+      --userid=ID            User ID the plugins run as (default: 65534)
+      --groupid=ID           Group ID the plugins run as (default: 65534)
+      --debug                Debug messages on standard error
+  -?, --help                 Give this help list
+      --usage                Give a short usage message
+  -V, --version              Print program version
+
+Mandatory arguments to long options are also mandatory for the
+corresponding short options.  See plugin-runner(8mandos).
+"""
+
+
+def usage_text() -> str:
+    """The short usage message of --usage."""
+    parts = ["[-?V]"]
+    parts += [f"[-{short} {arg}]" for _, short, takes, arg in OPTIONS if short and takes]
+    parts += [f"[--{name}={arg}]" if takes else f"[--{name}]"
+              for name, _, takes, arg in OPTIONS]
+    lines, line = [], "Usage: plugin-runner"
+    for part in parts:
+        if len(line) + 1 + len(part) > 78:
+            lines.append(line)
+            line = " " * 12
+        line += " " + part
+    lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str], settings: Settings, *, only_config_file: bool = False) -> None:
+    """Parse ``argv`` (without the program name) into ``settings``.
+
+    With ``only_config_file`` only ``--config-file`` is applied; every other
+    option is still checked for syntax.  Raises UsageError or HelpRequested.
+    """
+    for name, value in _tokens(argv):
+        if name is None:
+            # cryptsetup passes the key-file field of crypttab as the first
+            # argument; it is empty when that field is "none".
+            if value != "":
+                raise UsageError("Too many arguments")
+            continue
+        if only_config_file:
+            if name == "config-file":
+                settings.config_file = value
+            continue
+        _apply(settings, name, value)
+
+
+def _tokens(argv: list[str]):
+    """Yield (option name, value) pairs and (None, positional) in order."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            for rest in argv[i:]:
+                yield None, rest
+            return
+        if arg.startswith("--"):
+            key, eq, inline = arg[2:].partition("=")
+            name = _match_long(key, arg)
+            if _LONG[name]:
+                if eq:
+                    value = inline
+                elif i < len(argv):
+                    value = argv[i]
+                    i += 1
+                else:
+                    raise UsageError(f"option '--{name}' requires an argument")
+                yield name, value
+            else:
+                if eq:
+                    raise UsageError(f"option '--{name}' doesn't allow an argument")
+                yield name, None
+        elif arg.startswith("-") and arg != "-":
+            j = 1
+            while j < len(arg):
+                letter = arg[j]
+                j += 1
+                name = _SHORT.get(letter)
+                if name is None:
+                    raise UsageError(f"invalid option -- '{letter}'")
+                if not _LONG[name]:
+                    yield name, None
+                    continue
+                if j < len(arg):
+                    value = arg[j:]
+                elif i < len(argv):
+                    value = argv[i]
+                    i += 1
+                else:
+                    raise UsageError(f"option requires an argument -- '{letter}'")
+                yield name, value
+                break
+        else:
+            yield None, arg
+
+
+def _match_long(key: str, arg: str) -> str:
+    """Resolve a long option name, accepting unambiguous prefixes."""
+    if key in _LONG:
+        return key
+    candidates = [name for name in _LONG if name.startswith(key)] if key else []
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        listed = " ".join(f"'--{c}'" for c in candidates)
+        raise UsageError(f"option '{arg}' is ambiguous; possibilities: {listed}")
+    raise UsageError(f"unrecognized option '{arg}'")
+
+
+def _split_plugin(value: str, option: str) -> tuple[str, str]:
+    """Split ``PLUGIN:REST`` at the first colon."""
+    plugin, colon, rest = value.partition(":")
+    if not colon:
+        raise UsageError(f'No colon in "{value}"')
+    if not plugin:
+        raise UsageError(f'Empty plugin name in "{value}" for --{option}')
+    return plugin, rest
+
+
+def _add_env(record: PluginRecord, assignment: str) -> None:
+    var, eq, value = assignment.partition("=")
+    if not eq or not var:
+        # The original passes such a string through as a malformed
+        # environment entry that programs ignore; we drop it openly.
+        warn(f'Ignoring environment assignment without a name and "=": "{assignment}"')
+        return
+    record.env[var] = value
+
+
+def _parse_id(value: str, what: str, previous: int) -> int:
+    number = int(value) if value.isascii() and value.isdigit() else -1
+    if not 0 <= number <= MAX_ID:
+        warn(f'Bad {what} ID number: "{value}", using {previous}')
+        return previous
+    return number
+
+
+def _apply(settings: Settings, name: str, value: str | None) -> None:
+    if name == "global-options":
+        settings.global_record.args.extend(value.split(","))
+    elif name == "global-env":
+        _add_env(settings.global_record, value)
+    elif name == "options-for":
+        plugin, rest = _split_plugin(value, name)
+        settings.record(plugin).args.extend(rest.split(","))
+    elif name == "env-for":
+        plugin, rest = _split_plugin(value, name)
+        _add_env(settings.record(plugin), rest)
+    elif name == "disable":
+        settings.record(value).disabled = True
+    elif name == "enable":
+        settings.record(value).disabled = False
+    elif name == "plugin-dir":
+        settings.plugin_dir = value
+    elif name == "plugin-helper-dir":
+        settings.helper_dir = value
+    elif name == "config-file":
+        pass  # honoured only on the real command line, in the first pass
+    elif name == "userid":
+        settings.uid = _parse_id(value, "user", settings.uid)
+    elif name == "groupid":
+        settings.gid = _parse_id(value, "group", settings.gid)
+    elif name == "debug":
+        settings.debug = True
+    elif name == "help":
+        raise HelpRequested(HELP_TEXT)
+    elif name == "usage":
+        raise HelpRequested(usage_text())
+    elif name == "version":
+        from plugin_runner import __version__
+        raise HelpRequested(f"{PROGRAM} {__version__}\n")
+
+
+def warn(message: str) -> None:
+    """Print a message on standard error with the program name."""
+    sys.stderr.write(f"{PROGRAM}: {message}\n")
+    sys.stderr.flush()
+
+
+def read_config_tokens(path: str) -> list[str] | None:
+    """Return the whitespace-separated tokens of the configuration file.
+
+    Everything from a ``#`` to the end of its line is a comment.  There is no
+    quoting.  Returns None when the file cannot be opened (silently skipped);
+    raises OSError for the errors that must not be ignored (out of file
+    descriptors or memory).
+    """
+    import errno
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as err:
+        if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            raise
+        return None
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    tokens: list[str] = []
+    for line in b"".join(chunks).split(b"\n"):
+        # bytes.split() splits on exactly space, TAB, CR, LF, FF and VT.
+        tokens.extend(os.fsdecode(token) for token in line.partition(b"#")[0].split())
+    return tokens
