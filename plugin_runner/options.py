@@ -9,6 +9,8 @@ single-valued ones (directories, IDs) are won by the last occurrence.
 import os
 import sys
 
+from mandos.cmdline import UsageError, tokens, usage_line
+
 DEFAULT_PLUGIN_DIR = "/lib/mandos/plugins.d"
 DEFAULT_HELPER_DIR = "/lib/mandos/plugin-helpers"
 DEFAULT_CONFIG_FILE = "/conf/conf.d/mandos/plugin-runner.conf"
@@ -16,10 +18,6 @@ DEFAULT_ID = 65534
 MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to the kernel
 
 PROGRAM = "plugin-runner"
-
-
-class UsageError(Exception):
-    """A bad option, option value or argument."""
 
 
 class HelpRequested(Exception):
@@ -84,11 +82,9 @@ OPTIONS = (
     ("usage", None, False, None),
     ("version", "V", False, None),
 )
-_LONG = {name: takes for name, _, takes, _ in OPTIONS}
-_SHORT = {short: name for name, short, _, _ in OPTIONS if short}
 
 HELP_TEXT = """\
-Usage: plugin-runner [OPTION...]
+Usage: plugin-runner [OPTION...] [KEYFILE]
 Run every password plugin in parallel and print the first password found.
 
   -g, --global-options=OPTION[,OPTION[,...]]
@@ -122,18 +118,7 @@ corresponding short options.  See plugin-runner(8mandos).
 
 def usage_text() -> str:
     """The short usage message of --usage."""
-    parts = ["[-?V]"]
-    parts += [f"[-{short} {arg}]" for _, short, takes, arg in OPTIONS if short and takes]
-    parts += [f"[--{name}={arg}]" if takes else f"[--{name}]"
-              for name, _, takes, arg in OPTIONS]
-    lines, line = [], "Usage: plugin-runner"
-    for part in parts:
-        if len(line) + 1 + len(part) > 78:
-            lines.append(line)
-            line = " " * 12
-        line += " " + part
-    lines.append(line)
-    return "\n".join(lines) + "\n"
+    return usage_line(PROGRAM, OPTIONS)
 
 
 def parse(argv: list[str], settings: Settings, *, only_config_file: bool = False) -> None:
@@ -142,7 +127,7 @@ def parse(argv: list[str], settings: Settings, *, only_config_file: bool = False
     With ``only_config_file`` only ``--config-file`` is applied; every other
     option is still checked for syntax.  Raises UsageError or HelpRequested.
     """
-    for name, value in _tokens(argv):
+    for name, value in tokens(argv, OPTIONS):
         if name is None:
             # cryptsetup passes the key-file field of crypttab as the first
             # argument; it is empty when that field is "none".
@@ -154,69 +139,6 @@ def parse(argv: list[str], settings: Settings, *, only_config_file: bool = False
                 settings.config_file = value
             continue
         _apply(settings, name, value)
-
-
-def _tokens(argv: list[str]):
-    """Yield (option name, value) pairs and (None, positional) in order."""
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg == "--":
-            for rest in argv[i:]:
-                yield None, rest
-            return
-        if arg.startswith("--"):
-            key, eq, inline = arg[2:].partition("=")
-            name = _match_long(key, arg)
-            if _LONG[name]:
-                if eq:
-                    value = inline
-                elif i < len(argv):
-                    value = argv[i]
-                    i += 1
-                else:
-                    raise UsageError(f"option '--{name}' requires an argument")
-                yield name, value
-            else:
-                if eq:
-                    raise UsageError(f"option '--{name}' doesn't allow an argument")
-                yield name, None
-        elif arg.startswith("-") and arg != "-":
-            j = 1
-            while j < len(arg):
-                letter = arg[j]
-                j += 1
-                name = _SHORT.get(letter)
-                if name is None:
-                    raise UsageError(f"invalid option -- '{letter}'")
-                if not _LONG[name]:
-                    yield name, None
-                    continue
-                if j < len(arg):
-                    value = arg[j:]
-                elif i < len(argv):
-                    value = argv[i]
-                    i += 1
-                else:
-                    raise UsageError(f"option requires an argument -- '{letter}'")
-                yield name, value
-                break
-        else:
-            yield None, arg
-
-
-def _match_long(key: str, arg: str) -> str:
-    """Resolve a long option name, accepting unambiguous prefixes."""
-    if key in _LONG:
-        return key
-    candidates = [name for name in _LONG if name.startswith(key)] if key else []
-    if len(candidates) == 1:
-        return candidates[0]
-    if candidates:
-        listed = " ".join(f"'--{c}'" for c in candidates)
-        raise UsageError(f"option '{arg}' is ambiguous; possibilities: {listed}")
-    raise UsageError(f"unrecognized option '{arg}'")
 
 
 def _split_plugin(value: str, option: str) -> tuple[str, str]:
