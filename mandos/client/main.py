@@ -1,0 +1,291 @@
+"""mandos-client's run sequence: set up, try servers until one answers, clean up.
+
+Exit status: 0 once a password was received, decrypted and written;
+1 when no usable network interface exists; 64 for a bad command line (and
+--help/--usage/--version); 69 when TLS or OpenPGP set-up fails; 71 for an
+operating-system failure.  A SIGTERM, SIGINT or SIGHUP ends the program by
+that signal after the end sequence, even if the password was written.
+Otherwise it keeps trying forever.
+"""
+
+import logging
+import os
+import signal
+import sys
+import time
+
+from mandos.client import options as cli
+from mandos.client.privileges import Privileges
+from mandos.cmdline import UsageError
+
+log = logging.getLogger("mandos.client")
+
+TERMINATING_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
+DEFAULT_OPENPGP_KEYS = (f"{cli.CONF_DIR}/pubkey.txt", f"{cli.CONF_DIR}/seckey.txt")
+DEFAULT_DH_PARAMS = f"{cli.CONF_DIR}/dhparams.pem"
+
+
+class Terminated(BaseException):
+    """A terminating signal arrived; unwinds to the end sequence."""
+
+
+class SignalState:
+    """Remembers the first terminating signal and interrupts the work."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def install(self) -> None:
+        for signum in TERMINATING_SIGNALS:
+            if signal.getsignal(signum) != signal.SIG_IGN:
+                signal.signal(signum, self._handler)
+
+    def _handler(self, signum: int, frame) -> None:
+        if self.received:
+            return  # further signals are ignored; the end sequence runs
+        self.received = signum
+        raise Terminated()
+
+    def die_if_received(self) -> None:
+        """Re-raise the recorded signal with its default action."""
+        if self.received:
+            signal.signal(self.received, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [self.received])
+            os.kill(os.getpid(), self.received)
+
+
+class _Prefixed(logging.Formatter):
+    def __init__(self, program: str) -> None:
+        super().__init__(f"Mandos plugin {program}: %(message)s")
+
+
+def _setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Prefixed(cli.program_name()))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    if debug:
+        from mandos import gnutls
+        gnutls.enable_debug_logging()
+
+
+def _fix_key_ownership(opts: cli.ClientOptions, privileges: Privileges) -> None:
+    """Give root-owned default key files to the plugin user (initramfs quirk)."""
+    paths = [p for p in (opts.pubkey, opts.seckey) if p in DEFAULT_OPENPGP_KEYS]
+    if opts.dh_params == DEFAULT_DH_PARAMS:
+        paths.append(opts.dh_params)
+    with privileges as raised:
+        if not raised:
+            return
+        for path in paths:
+            try:
+                st = os.stat(path)
+                if st.st_uid == 0 and st.st_gid == 0 and os.path.isfile(path):
+                    os.chown(path, privileges.uid, privileges.gid)
+            except OSError as err:
+                log.debug("Could not fix the owner of %s: %s", path, err.strerror)
+        if not os.path.lexists("/dev/fd"):
+            try:
+                os.symlink("/proc/self/fd", "/dev/fd")
+            except OSError as err:
+                log.debug("Could not create /dev/fd: %s", err.strerror)
+
+
+def _load_credentials(opts: cli.ClientOptions):
+    """TLS credentials from the key files; raises SetupError (EX_UNAVAILABLE)."""
+    from mandos import gnutls
+    try:
+        credentials = gnutls.RawPublicKeyCredentials.from_files(opts.tls_pubkey,
+                                                               opts.tls_privkey)
+    except (gnutls.GnuTLSError, OSError) as err:
+        raise SetupError(os.EX_UNAVAILABLE, _explain_key_failure(opts, err)) from None
+    if opts.dh_params:
+        try:
+            with open(opts.dh_params, "rb") as dh_file:
+                credentials.set_dh_params_pem(dh_file.read())
+        except (OSError, gnutls.GnuTLSError) as err:
+            log.warning("Could not use DH parameters from %s: %s", opts.dh_params, err)
+        else:
+            return credentials
+    if opts.dh_bits:
+        try:
+            credentials.generate_dh_params(opts.dh_bits)
+        except gnutls.GnuTLSError as err:
+            credentials.close()
+            raise SetupError(os.EX_UNAVAILABLE,
+                             f"Could not generate {opts.dh_bits}-bit DH parameters: {err}"
+                             ) from None
+    return credentials
+
+
+def _explain_key_failure(opts: cli.ClientOptions, err: Exception) -> str:
+    """Turn GnuTLS's terse error into a message naming the bad file."""
+    try:
+        from mandos import keys
+        keys.load_tls_keypair(opts.tls_pubkey, opts.tls_privkey)
+    except Exception as detail:  # noqa: BLE001 - any diagnosis is better than none
+        return f"Could not load the TLS key pair: {detail}"
+    return (f"Could not load the TLS key pair {opts.tls_pubkey}, "
+            f"{opts.tls_privkey}: {err}")
+
+
+class SetupError(Exception):
+    """Start-up failed; ``status`` is the exit status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _write_password(password: bytes) -> None:
+    view = memoryview(password)
+    while view:
+        written = os.write(1, view)
+        view = view[written:]
+
+
+class Client:
+    """One run of mandos-client, from set-up to the end sequence."""
+
+    def __init__(self, opts: cli.ClientOptions, privileges: Privileges,
+                 signals: SignalState) -> None:
+        self.opts = opts
+        self.privileges = privileges
+        self.signals = signals
+        self.credentials = None
+        self.gnupg = None
+        self.ifindex = 0
+
+    def run(self) -> int:
+        """Steps 3-15 of the run sequence; returns the exit status."""
+        _fix_key_ownership(self.opts, self.privileges)
+        self.ifindex = self._choose_interface()
+        if self.opts.connect is None:
+            raise SetupError(os.EX_UNAVAILABLE,
+                             "Zeroconf discovery is not available in this version; "
+                             "use --connect ADDRESS:PORT")
+        from mandos.client.servers import parse_connect
+        server = parse_connect(self.opts.connect, self.ifindex)
+        self.credentials = _load_credentials(self.opts)
+        self.gnupg = self._open_gnupg()
+        return self._direct_mode(server)
+
+    def _choose_interface(self) -> int:
+        """Resolve --interface; return the scope index when exactly one is used."""
+        import socket
+        names = []
+        for name in self.opts.interfaces:
+            if not name:
+                continue
+            if name != "none":
+                try:
+                    socket.if_nametoindex(name)
+                except OSError:
+                    log.warning("Not using nonexisting interface %r", name)
+                    continue
+            names.append(name)
+        used = [name for name in names if name != "none"]
+        if len(used) == 1:
+            return socket.if_nametoindex(used[0])
+        return 0
+
+    def _open_gnupg(self):
+        from mandos import openpgp
+        try:
+            home = openpgp.GnuPGHome()
+        except OSError as err:
+            # The original exits 0 here, which plugin-runner would take for
+            # an empty password.
+            raise SetupError(os.EX_OSERR,
+                             f"Could not create a GnuPG home: {err.strerror}") from None
+        try:
+            home.import_keys(self.opts.pubkey, self.opts.seckey,
+                             privileged=lambda: self.privileges)
+        except openpgp.OpenPGPError as err:
+            home.close()
+            raise SetupError(os.EX_UNAVAILABLE, f"OpenPGP key import failed: {err}") from None
+        return home
+
+    def _direct_mode(self, server) -> int:
+        from mandos.client import attempt
+        from mandos import openpgp
+        while True:
+            try:
+                log.debug("Connecting to %s", server)
+                with attempt.connect(server) as sock:
+                    encrypted = attempt.fetch_secret(sock, self.credentials,
+                                                     self.opts.priority)
+                log.debug("Received %d bytes; decrypting", len(encrypted))
+                password = self.gnupg.decrypt(encrypted)
+            except attempt.AttemptFailed as err:
+                log.info("Attempt failed: %s", err)
+            except openpgp.DecryptError as err:
+                log.warning("%s", err)
+            else:
+                try:
+                    _write_password(password)
+                except OSError as err:
+                    log.error("Could not write the password: %s", err.strerror)
+                else:
+                    return 0
+                finally:
+                    del password
+            if self.opts.retry >= 0:
+                log.debug("Retrying in %g seconds", self.opts.retry)
+                time.sleep(self.opts.retry)
+
+    def end(self) -> None:
+        """The end sequence: release, drop root for good, remove the GnuPG home."""
+        if self.credentials is not None:
+            self.credentials.close()
+            self.credentials = None
+        self.privileges.drop_permanently()
+        if self.gnupg is not None:
+            self.gnupg.close()
+            self.gnupg = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run mandos-client; returns the exit status (or dies by a signal)."""
+    argv = sys.argv[1:] if argv is None else argv
+    signals = SignalState()
+    signals.install()
+    client = None
+    status = os.EX_OSERR
+    try:
+        privileges = Privileges()
+        try:
+            opts = cli.parse(argv)
+        except cli.HelpRequested as request:
+            sys.stdout.write(request.text)
+            sys.stdout.flush()
+            return os.EX_USAGE
+        except UsageError as err:
+            sys.stderr.write(f"Mandos plugin {cli.program_name()}: {err}\n"
+                             f"Try `{cli.PROGRAM} --help' or `{cli.PROGRAM} --usage' "
+                             "for more information.\n")
+            return os.EX_USAGE
+        _setup_logging(opts.debug)
+        if opts.connect is not None:
+            from mandos.client.servers import parse_connect
+            try:
+                parse_connect(opts.connect)
+            except UsageError as err:
+                log.error("%s", err)
+                return os.EX_USAGE
+        client = Client(opts, privileges, signals)
+        status = client.run()
+    except Terminated:
+        log.debug("Exiting because of a signal")
+    except SetupError as err:
+        log.error("%s", err)
+        status = err.status
+    finally:
+        if client is not None:
+            try:
+                client.end()
+            except Terminated:
+                pass
+        signals.die_if_received()
+    return status
