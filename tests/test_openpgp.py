@@ -259,17 +259,17 @@ def test_home_removed_when_owner_gets_sigterm(keyring, style):
 
 def test_import_public_then_secret(keyring):
     with GnuPGHome() as home:
-        pub_stats, sec_stats = home.import_keys(keyring.pubkey, keyring.seckey)
-        assert pub_stats.imported == 1 and not pub_stats.failed
-        assert sec_stats.sec_imported == 1 and sec_stats.unchanged == 1
+        stats = home.import_keys(keyring.pubkey, keyring.seckey)
+        assert stats.imported == 1 and not stats.failed
+        assert stats.sec_imported == 1 and stats.unchanged == 1
         assert home.fingerprints() == [keyring.fingerprint]
         assert home.fingerprints(secret=True) == [keyring.fingerprint]
 
 
 def test_importing_the_same_keys_twice_succeeds(client_home, keyring):
-    pub_stats, sec_stats = client_home.import_keys(keyring.pubkey, keyring.seckey)
-    assert pub_stats.imported == 0 and pub_stats.unchanged == 1
-    assert sec_stats.unchanged == 1 and sec_stats.sec_dups == 1
+    stats = client_home.import_keys(keyring.pubkey, keyring.seckey)
+    assert stats.imported == 0 and stats.unchanged == 2
+    assert stats.sec_dups == 1
 
 
 def test_import_missing_key_file(tmp_path):
@@ -648,3 +648,14 @@ def test_module_import_is_cheap():
                          text=True, check=True).stdout.split()
     assert "gnupg" not in out
     assert not any(name.startswith("cryptography") for name in out)
+
+
+def test_import_fails_when_the_secret_key_file_holds_no_secret_key(tmp_path, keyring):
+    """A broken seckey.txt fails at import, not later as an undecryptable secret."""
+    not_secret = tmp_path / "seckey.txt"
+    not_secret.write_bytes(keyring.pubkey.read_bytes())
+    with GnuPGHome() as home:
+        with pytest.raises(openpgp.KeyImportError) as excinfo:
+            home.import_keys(keyring.pubkey, not_secret)
+    assert excinfo.value.path == str(not_secret)
+    assert "no secret key" in str(excinfo.value)

@@ -7,13 +7,13 @@ protocol; retry policy and decryption belong to the caller.
 """
 
 import errno
-import logging
 import socket
 
 from mandos import gnutls
 from mandos.client.servers import ServerAddress
+from mandos import lazylog
 
-log = logging.getLogger(__name__)
+log = lazylog.get_logger(__name__)
 
 PROTOCOL_VERSION_LINE = b"1\r\n"
 CONNECT_TIMEOUT = 10.0
@@ -67,8 +67,12 @@ def connect(server: ServerAddress, timeout: float = CONNECT_TIMEOUT) -> socket.s
 
 
 def fetch_secret(sock: socket.socket, credentials: "gnutls.CertificateCredentials",
-                 priority: str, handshake_timeout: float = HANDSHAKE_TIMEOUT) -> bytes:
+                 priority: str, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 after_handshake=None) -> bytes:
     """Speak the protocol over a connected socket; return the received bytes.
+
+    ``after_handshake()``, if given, is called once the TLS handshake is
+    done, while the server decides and sends.
 
     Returns the data only if the server ended the TLS stream with
     close_notify; zero bytes (the server's way of saying no) raise
@@ -84,6 +88,8 @@ def fetch_secret(sock: socket.socket, credentials: "gnutls.CertificateCredential
             session.set_handshake_timeout(handshake_timeout)
             session.handshake()
             log.debug("TLS handshake done: %s", session.description())
+            if after_handshake is not None:
+                after_handshake()
             data = session.recv_until_close_notify(limit=MAX_SECRET_SIZE)
             try:
                 session.bye(gnutls.SHUT_RDWR)

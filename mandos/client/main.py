@@ -8,7 +8,6 @@ that signal after the end sequence, even if the password was written.
 Otherwise it keeps trying forever.
 """
 
-import logging
 import os
 import signal
 import sys
@@ -17,8 +16,9 @@ import time
 from mandos.client import options as cli
 from mandos.client.privileges import Privileges
 from mandos.cmdline import UsageError
+from mandos import lazylog
 
-log = logging.getLogger("mandos.client")
+log = lazylog.get_logger("mandos.client")
 
 TERMINATING_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
 DEFAULT_OPENPGP_KEYS = (f"{cli.CONF_DIR}/pubkey.txt", f"{cli.CONF_DIR}/seckey.txt")
@@ -54,20 +54,28 @@ class SignalState:
             os.kill(os.getpid(), self.received)
 
 
-class _Prefixed(logging.Formatter):
-    def __init__(self, program: str) -> None:
-        super().__init__(f"Mandos plugin {program}: %(message)s")
-
-
 def _setup_logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Prefixed(cli.program_name()))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    """Messages on stderr; DEBUG and up with --debug, else WARNING and up.
+
+    The logging module itself is loaded only once a message is emitted.
+    """
+    def setup() -> None:
+        import logging
+        handler = logging.StreamHandler(sys.stderr)
+        # In debug mode each line tells the milliseconds since start-up.
+        timing = "[%(relativeCreated)6.0f ms] " if debug else ""
+        handler.setFormatter(logging.Formatter(
+            f"Mandos plugin {cli.program_name()}: {timing}%(message)s"))
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        root.setLevel(logging.DEBUG if debug else logging.WARNING)
+
+    lazylog.configure(lazylog.DEBUG if debug else lazylog.WARNING, setup)
     if debug:
-        from mandos import gnutls
-        gnutls.enable_debug_logging()
+        setup()
+        if os.environ.get("MANDOS_GNUTLS_DEBUG", "1") != "0":
+            from mandos import gnutls
+            gnutls.enable_debug_logging()
 
 
 def _fix_key_ownership(opts: cli.ClientOptions, privileges: Privileges) -> None:
@@ -155,6 +163,9 @@ class Client:
         self.signals = signals
         self.credentials = None
         self.gnupg = None
+        self.importer = None
+        self.import_started = False
+        self.import_error: SetupError | None = None
         self.ifindex = 0
 
     def run(self) -> int:
@@ -167,8 +178,8 @@ class Client:
                              "use --connect ADDRESS:PORT")
         from mandos.client.servers import parse_connect
         server = parse_connect(self.opts.connect, self.ifindex)
+        self._start_key_import()
         self.credentials = _load_credentials(self.opts)
-        self.gnupg = self._open_gnupg()
         return self._direct_mode(server)
 
     def _choose_interface(self) -> int:
@@ -190,50 +201,90 @@ class Client:
             return socket.if_nametoindex(used[0])
         return 0
 
-    def _open_gnupg(self):
-        from mandos import openpgp
-        try:
-            home = openpgp.GnuPGHome()
-        except OSError as err:
-            # The original exits 0 here, which plugin-runner would take for
-            # an empty password.
-            raise SetupError(os.EX_OSERR,
-                             f"Could not create a GnuPG home: {err.strerror}") from None
-        try:
-            home.import_keys(self.opts.pubkey, self.opts.seckey,
-                             privileged=lambda: self.privileges)
-        except openpgp.OpenPGPError as err:
-            home.close()
-            raise SetupError(os.EX_UNAVAILABLE, f"OpenPGP key import failed: {err}") from None
-        return home
+    def _start_key_import(self) -> None:
+        """Create the GnuPG home and import the keys, in a background thread.
+
+        Loading python-gnupg and running gpg (and gpg-agent for the secret
+        key) takes about as long as the TLS exchange with the server, during
+        which this process only waits; so the two overlap, and
+        ``_keys_ready`` waits for the import before the first decryption.
+        Both threads mostly wait (for gpg, for the server), so a short
+        interpreter switch interval lets each go on as soon as its wait ends.
+        """
+        if self.importer is not None or self.import_started:
+            return
+        self.import_started = True
+        import threading
+
+        sys.setswitchinterval(0.0005)
+
+        def create_home_and_import() -> None:
+            from mandos import openpgp
+            try:
+                self.gnupg = openpgp.GnuPGHome()
+            except OSError as err:
+                # The original exits 0 here, which plugin-runner would take
+                # for an empty password.
+                self.import_error = SetupError(
+                    os.EX_OSERR, f"Could not create a GnuPG home: {err.strerror}")
+                return
+            try:
+                self.gnupg.import_keys(self.opts.pubkey, self.opts.seckey,
+                                       privileged=lambda: self.privileges)
+            except Exception as err:  # noqa: BLE001 - reported by the main thread
+                self.import_error = SetupError(os.EX_UNAVAILABLE,
+                                               f"OpenPGP key import failed: {err}")
+
+        self.importer = threading.Thread(target=create_home_and_import,
+                                         name="key-import", daemon=True)
+        self.importer.start()
+
+    def _keys_ready(self) -> None:
+        """Wait for the key import; a failed import ends the program (69)."""
+        self._start_key_import()
+        if self.importer is not None:
+            self.importer.join()
+            self.importer = None
+            if self.import_error is not None:
+                raise self.import_error
 
     def _direct_mode(self, server) -> int:
-        from mandos.client import attempt
-        from mandos import openpgp
+        """Try the one server until it gives us the password."""
         while True:
-            try:
-                log.debug("Connecting to %s", server)
-                with attempt.connect(server) as sock:
-                    encrypted = attempt.fetch_secret(sock, self.credentials,
-                                                     self.opts.priority)
-                log.debug("Received %d bytes; decrypting", len(encrypted))
-                password = self.gnupg.decrypt(encrypted)
-            except attempt.AttemptFailed as err:
-                log.info("Attempt failed: %s", err)
-            except openpgp.DecryptError as err:
-                log.warning("%s", err)
-            else:
+            password = self._try_server(server)
+            if password is not None:
                 try:
                     _write_password(password)
                 except OSError as err:
                     log.error("Could not write the password: %s", err.strerror)
                 else:
+                    log.debug("Password written")
                     return 0
                 finally:
                     del password
-            if self.opts.retry >= 0:
-                log.debug("Retrying in %g seconds", self.opts.retry)
-                time.sleep(self.opts.retry)
+            log.debug("Retrying in %g seconds", self.opts.retry)
+            time.sleep(self.opts.retry)
+
+    def _try_server(self, server) -> bytes | None:
+        """One attempt: the decrypted password, or None (reason logged)."""
+        from mandos.client import attempt
+        log.debug("Connecting to %s", server)
+        try:
+            with attempt.connect(server) as sock:
+                encrypted = attempt.fetch_secret(sock, self.credentials, self.opts.priority,
+                                                 after_handshake=self._start_key_import)
+        except attempt.AttemptFailed as err:
+            log.info("Attempt failed: %s", err)
+            self._keys_ready()
+            return None
+        self._keys_ready()
+        log.debug("Received %d bytes; decrypting", len(encrypted))
+        from mandos.openpgp import DecryptError
+        try:
+            return self.gnupg.decrypt(encrypted)
+        except DecryptError as err:
+            log.warning("%s", err)
+            return None
 
     def end(self) -> None:
         """The end sequence: release, drop root for good, remove the GnuPG home."""
@@ -241,9 +292,13 @@ class Client:
             self.credentials.close()
             self.credentials = None
         self.privileges.drop_permanently()
+        if self.importer is not None:
+            # gpg must be done writing into the home before it is removed.
+            self.importer.join(timeout=30)
         if self.gnupg is not None:
             self.gnupg.close()
             self.gnupg = None
+        log.debug("End sequence done")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,3 +344,18 @@ def main(argv: list[str] | None = None) -> int:
                 pass
         signals.die_if_received()
     return status
+
+
+def exit_now(status: int) -> None:
+    """Exit at once, skipping the interpreter's slow tear-down.
+
+    Everything that matters is done by then: the end sequence ran, and
+    standard output and error are flushed here.  At boot every millisecond
+    until plugin-runner sees this process end delays the unlock.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)

@@ -9,10 +9,10 @@ route helper).  Key files, GnuPG, TLS and network I/O run unprivileged, so
 a bug there cannot be turned into root access.
 """
 
-import logging
 import os
+from mandos import lazylog
 
-log = logging.getLogger(__name__)
+log = lazylog.get_logger(__name__)
 
 
 class Privileges:
