@@ -243,6 +243,24 @@ def _read_proc_file(pid: str, name: str) -> bytes:
         return f.read()
 
 
+def make_private_directory(base: str, prefix: str) -> str:
+    """Create ``<base>/<prefix>XXXXXXXX`` with mode 0700 and return its path.
+
+    What ``tempfile.mkdtemp`` does, without the import cost of ``tempfile``
+    (which pulls in ``shutil`` and ``random``) on the boot path.
+    """
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789_"
+    for _ in range(100):
+        name = prefix + "".join(alphabet[b % len(alphabet)] for b in os.urandom(8))
+        path = os.path.join(base, name)
+        try:
+            os.mkdir(path, 0o700)  # fails if it exists: no one else's directory is reused
+        except FileExistsError:
+            continue
+        return os.path.abspath(path)
+    raise FileExistsError(f"no free directory name in {base}")
+
+
 def agent_pids(home: str) -> list[int]:
     """PIDs of live gpg-agent processes serving the GnuPG home ``home``."""
     wanted = os.fsencode(home)
@@ -276,7 +294,7 @@ def agent_pids(home: str) -> list[int]:
 class GnuPGHome:
     """A private GnuPG home directory that lives as long as this object.
 
-    The directory is made with ``mkdtemp`` (mode 0700, owned by the effective
+    The directory is made like ``mkdtemp`` does it (mode 0700, owned by the effective
     user) as ``<base>/mandosXXXXXXXX``, with ``base`` from ``default_base()``
     (``/run/tmp`` if usable, else ``/tmp``) unless given.  Use it as a context
     manager, or call ``close()`` in a ``finally`` block.  ``close()`` stops the
@@ -295,7 +313,6 @@ class GnuPGHome:
         # close() never has to load a module.
         import shutil  # noqa: F401
         import subprocess  # noqa: F401
-        import tempfile
 
         base = os.fspath(base) if base is not None else default_base()
         self.gpg_binary = gpg_binary
@@ -303,9 +320,9 @@ class GnuPGHome:
         self._owner_pid = os.getpid()
         self._gpg: Optional["gnupg.GPG"] = None
         self._closed = False
-        # mkdtemp: unpredictable name, O_EXCL creation, mode 0700, so no other
+        # Unpredictable name, exclusive creation, mode 0700, so no other
         # user can plant files in or read the imported secret key from it.
-        self.path = tempfile.mkdtemp(prefix=HOME_PREFIX, dir=base)
+        self.path = make_private_directory(base, HOME_PREFIX)
         if len(os.fsencode(self.path)) > _MAX_HOME_LENGTH:
             logger.warning("GnuPG home %s is too long for gpg-agent's sockets; "
                            "use a shorter base directory", self.path)

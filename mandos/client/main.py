@@ -162,10 +162,7 @@ class Client:
         self.privileges = privileges
         self.signals = signals
         self.credentials = None
-        self.gnupg = None
-        self.importer = None
-        self.import_started = False
-        self.import_error: SetupError | None = None
+        self.decryptor = None
         self.ifindex = 0
 
     def run(self) -> int:
@@ -178,7 +175,7 @@ class Client:
                              "use --connect ADDRESS:PORT")
         from mandos.client.servers import parse_connect
         server = parse_connect(self.opts.connect, self.ifindex)
-        self._start_key_import()
+        self._start_openpgp()
         self.credentials = _load_credentials(self.opts)
         return self._direct_mode(server)
 
@@ -201,52 +198,14 @@ class Client:
             return socket.if_nametoindex(used[0])
         return 0
 
-    def _start_key_import(self) -> None:
-        """Create the GnuPG home and import the keys, in a background thread.
-
-        Loading python-gnupg and running gpg (and gpg-agent for the secret
-        key) takes about as long as the TLS exchange with the server, during
-        which this process only waits; so the two overlap, and
-        ``_keys_ready`` waits for the import before the first decryption.
-        Both threads mostly wait (for gpg, for the server), so a short
-        interpreter switch interval lets each go on as soon as its wait ends.
-        """
-        if self.importer is not None or self.import_started:
-            return
-        self.import_started = True
-        import threading
-
-        sys.setswitchinterval(0.0005)
-
-        def create_home_and_import() -> None:
-            from mandos import openpgp
-            try:
-                self.gnupg = openpgp.GnuPGHome()
-            except OSError as err:
-                # The original exits 0 here, which plugin-runner would take
-                # for an empty password.
-                self.import_error = SetupError(
-                    os.EX_OSERR, f"Could not create a GnuPG home: {err.strerror}")
-                return
-            try:
-                self.gnupg.import_keys(self.opts.pubkey, self.opts.seckey,
-                                       privileged=lambda: self.privileges)
-            except Exception as err:  # noqa: BLE001 - reported by the main thread
-                self.import_error = SetupError(os.EX_UNAVAILABLE,
-                                               f"OpenPGP key import failed: {err}")
-
-        self.importer = threading.Thread(target=create_home_and_import,
-                                         name="key-import", daemon=True)
-        self.importer.start()
-
-    def _keys_ready(self) -> None:
-        """Wait for the key import; a failed import ends the program (69)."""
-        self._start_key_import()
-        if self.importer is not None:
-            self.importer.join()
-            self.importer = None
-            if self.import_error is not None:
-                raise self.import_error
+    def _start_openpgp(self) -> None:
+        """Fork the OpenPGP process: it imports the keys while we connect."""
+        from mandos.client.decryptor import Decryptor
+        try:
+            self.decryptor = Decryptor(self.opts.pubkey, self.opts.seckey, self.privileges)
+        except OSError as err:
+            raise SetupError(os.EX_OSERR, f"Could not start the OpenPGP process: "
+                                          f"{err.strerror}") from None
 
     def _direct_mode(self, server) -> int:
         """Try the one server until it gives us the password."""
@@ -268,23 +227,21 @@ class Client:
     def _try_server(self, server) -> bytes | None:
         """One attempt: the decrypted password, or None (reason logged)."""
         from mandos.client import attempt
+        from mandos.client.decryptor import DecryptorError
         log.debug("Connecting to %s", server)
         try:
-            with attempt.connect(server) as sock:
-                encrypted = attempt.fetch_secret(sock, self.credentials, self.opts.priority,
-                                                 after_handshake=self._start_key_import)
-        except attempt.AttemptFailed as err:
-            log.info("Attempt failed: %s", err)
-            self._keys_ready()
-            return None
-        self._keys_ready()
-        log.debug("Received %d bytes; decrypting", len(encrypted))
-        from mandos.openpgp import DecryptError
-        try:
-            return self.gnupg.decrypt(encrypted)
-        except DecryptError as err:
-            log.warning("%s", err)
-            return None
+            try:
+                with attempt.connect(server) as sock:
+                    encrypted = attempt.fetch_secret(sock, self.credentials,
+                                                     self.opts.priority)
+            except attempt.AttemptFailed as err:
+                log.info("Attempt failed: %s", err)
+                self.decryptor.wait_ready()  # a failed key import ends the program
+                return None
+            log.debug("Received %d bytes; decrypting", len(encrypted))
+            return self.decryptor.decrypt(encrypted)
+        except DecryptorError as err:
+            raise SetupError(err.status, str(err)) from None
 
     def end(self) -> None:
         """The end sequence: release, drop root for good, remove the GnuPG home."""
@@ -292,12 +249,10 @@ class Client:
             self.credentials.close()
             self.credentials = None
         self.privileges.drop_permanently()
-        if self.importer is not None:
-            # gpg must be done writing into the home before it is removed.
-            self.importer.join(timeout=30)
-        if self.gnupg is not None:
-            self.gnupg.close()
-            self.gnupg = None
+        if self.decryptor is not None:
+            # The OpenPGP process removes the GnuPG home before it exits.
+            self.decryptor.close()
+            self.decryptor = None
         log.debug("End sequence done")
 
 
