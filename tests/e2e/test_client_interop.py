@@ -8,6 +8,7 @@ mandos-keygen here; keys made by our keygen are tested in test_keygen_interop.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -62,10 +63,9 @@ def other_keys(workdir):
     return keys, original_keygen(keys, "--passfile", str(passfile), "--no-ssh").stdout
 
 
-def gnupg_homes() -> set[str]:
-    return {name for base in ("/run/tmp", "/tmp") if os.path.isdir(base)
-            for name in os.listdir(base) if name.startswith("mandos")
-            and not name.startswith("mandos-")}
+def gnupg_homes_named_in(debug_output: bytes) -> list[str]:
+    """The GnuPG homes a client run reported creating (it says so in --debug mode)."""
+    return re.findall(r"created GnuPG home (\S+)", debug_output.decode(errors="replace"))
 
 
 @pytest.mark.parametrize("ipv6", [True, False], ids=["ipv6", "ipv4"])
@@ -102,7 +102,6 @@ def test_client_in_debug_mode_never_prints_the_password(original_keys):
 
 def _expect_retrying_then_sigterm(args: list[str], seconds: float = 3.0) -> bytes:
     """Run the client; it must still be retrying after ``seconds``; SIGTERM it."""
-    homes_before = gnupg_homes()
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         time.sleep(seconds)
@@ -115,7 +114,10 @@ def _expect_retrying_then_sigterm(args: list[str], seconds: float = 3.0) -> byte
             process.wait()
     assert process.returncode == -signal.SIGTERM
     assert stdout == b""
-    assert gnupg_homes() <= homes_before, "temporary GnuPG home left behind"
+    homes = gnupg_homes_named_in(stderr)
+    assert homes, "the client did not report its GnuPG home"
+    for home in homes:
+        assert not os.path.exists(home), f"temporary GnuPG home {home} left behind"
     return stderr
 
 
@@ -125,7 +127,8 @@ def test_unknown_client_gets_nothing_and_keeps_retrying(original_keys, other_key
     folder = make_world_temp()
     try:
         with OriginalServer(folder, clients_conf_section("other", other_section)) as server:
-            _expect_retrying_then_sigterm(client_args(keys, server.address, "--retry", "0.5"))
+            _expect_retrying_then_sigterm(client_args(keys, server.address, "--retry", "0.5",
+                                                       "--debug"))
             assert "not found" in server.output().lower()
     finally:
         remove(folder)
@@ -144,7 +147,8 @@ def test_disabled_client_gets_nothing_and_keeps_retrying(original_keys):
     try:
         with OriginalServer(folder, conf) as server:
             time.sleep(3)
-            _expect_retrying_then_sigterm(client_args(keys, server.address, "--retry", "0.5"))
+            _expect_retrying_then_sigterm(client_args(keys, server.address, "--retry", "0.5",
+                                                      "--debug"))
             assert "is disabled" in server.output()
     finally:
         remove(folder)
