@@ -13,7 +13,8 @@ PAGES = sorted(p for p in MAN_DIR.iterdir() if p.is_file())
 def test_man_pages_exist_for_every_program():
     names = {p.name for p in PAGES}
     for expected in ("plugin-runner.8mandos", "plugin-runner.conf.5",
-                     "askpass-fifo.8mandos", "password-prompt.8mandos"):
+                     "askpass-fifo.8mandos", "password-prompt.8mandos",
+                     "mandos-keygen.8"):
         assert expected in names
 
 

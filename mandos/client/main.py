@@ -46,6 +46,16 @@ class SignalState:
         self.received = signum
         raise Terminated()
 
+    def check(self) -> None:
+        """Raise Terminated if a signal arrived.
+
+        The handler raises by itself, except when the signal lands while a
+        C library calls back into Python (GnuTLS's debug log): there the
+        exception is swallowed, so the work loop also checks here.
+        """
+        if self.received:
+            raise Terminated()
+
     def die_if_received(self) -> None:
         """Re-raise the recorded signal with its default action."""
         if self.received:
@@ -211,6 +221,7 @@ class Client:
         """Try the one server until it gives us the password."""
         while True:
             password = self._try_server(server)
+            self.signals.check()  # a signal overrides success
             if password is not None:
                 try:
                     _write_password(password)
@@ -235,9 +246,11 @@ class Client:
                     encrypted = attempt.fetch_secret(sock, self.credentials,
                                                      self.opts.priority)
             except attempt.AttemptFailed as err:
+                self.signals.check()
                 log.info("Attempt failed: %s", err)
                 self.decryptor.wait_ready()  # a failed key import ends the program
                 return None
+            self.signals.check()
             log.debug("Received %d bytes; decrypting", len(encrypted))
             return self.decryptor.decrypt(encrypted)
         except DecryptorError as err:
