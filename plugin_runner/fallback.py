@@ -40,7 +40,9 @@ def _prompt(in_fd: int, out_fd: int) -> bytes:
         if saved is not None:
             termios.tcsetattr(in_fd, termios.TCSAFLUSH, saved)
             _write(out_fd, b"\n")
-    return line[:-1] if line.endswith(b"\n") else line
+    line = line[:-1] if line.endswith(b"\n") else line
+    # getpass(3) hands back a C string: a typed NUL byte ends the password.
+    return line.split(b"\0", 1)[0]
 
 
 def _read_line(fd: int) -> bytes:

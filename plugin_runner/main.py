@@ -15,7 +15,7 @@ from plugin_runner.options import (HelpRequested, Settings, UsageError, parse,
                                    read_config_tokens, warn)
 from plugin_runner.privileges import drop
 from plugin_runner.scan import scan
-from plugin_runner.supervise import Supervisor, write_all
+from plugin_runner.supervise import Supervisor, inherited_environment, write_all
 
 TERMINATING_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
 
@@ -30,6 +30,8 @@ class _Signals:
     def __init__(self) -> None:
         self.received = 0
         self.interrupt_prompt = False
+        self.ignored = frozenset(signum for signum in TERMINATING_SIGNALS
+                                 if _signal.getsignal(signum) == _signal.SIG_IGN)
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
@@ -38,7 +40,7 @@ class _Signals:
         # A Python-level handler is needed for SIGCHLD to reach the pipe.
         _signal.signal(_signal.SIGCHLD, self._on_child)
         for signum in TERMINATING_SIGNALS:
-            if _signal.getsignal(signum) != _signal.SIG_IGN:
+            if signum not in self.ignored:
                 _signal.signal(signum, self._on_terminate)
 
     def _on_child(self, signum, frame) -> None:
@@ -128,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if status == 0:
             _debug_dump(settings, debug)
+            inherited_env = inherited_environment()
             privileges = drop(settings.uid, settings.gid, warn)
-            supervisor = Supervisor(settings, privileges, signals.wakeup_fd, debug)
+            supervisor = Supervisor(settings, privileges, signals.wakeup_fd, debug,
+                                    inherited_env, signals.ignored)
             status = _run_plugins(settings, supervisor, signals, debug)
             winner_written = status is None
             if winner_written:
@@ -147,7 +151,7 @@ def _run_plugins(settings: Settings, supervisor: Supervisor, signals: _Signals,
                  debug) -> int | None:
     """Start and watch the plugins; None once a password was written."""
     try:
-        dir_fd = os.open(settings.plugin_dir, os.O_RDONLY | os.O_DIRECTORY)
+        dir_fd = os.open(settings.plugin_dir, os.O_RDONLY)
     except OSError as err:
         warn(f"Could not open plugin dir {settings.plugin_dir}: {err.strerror}")
         return os.EX_UNAVAILABLE

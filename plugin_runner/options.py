@@ -131,7 +131,7 @@ def parse(argv: list[str], settings: Settings, *, only_config_file: bool = False
         if name is None:
             # cryptsetup passes the key-file field of crypttab as the first
             # argument; it is empty when that field is "none".
-            if value != "":
+            if value != "" and not only_config_file:
                 raise UsageError("Too many arguments")
             continue
         if only_config_file:
@@ -162,7 +162,12 @@ def _add_env(record: PluginRecord, assignment: str) -> None:
 
 
 def _parse_id(value: str, what: str, previous: int) -> int:
-    number = int(value) if value.isascii() and value.isdigit() else -1
+    # strtoimax() rules: leading white space and a sign are allowed, nothing
+    # may follow the digits.
+    digits = value.lstrip(" \t\n\v\f\r")
+    sign = -1 if digits.startswith("-") else 1
+    digits = digits[1:] if digits[:1] in ("+", "-") else digits
+    number = sign * int(digits) if digits.isascii() and digits.isdigit() else -1
     if not 0 <= number <= MAX_ID:
         warn(f'Bad {what} ID number: "{value}", using {previous}')
         return previous
@@ -233,6 +238,8 @@ def read_config_tokens(path: str) -> list[str] | None:
             if not chunk:
                 break
             chunks.append(chunk)
+    except OSError:
+        chunks = []  # e.g. a directory: as good as an empty file
     finally:
         os.close(fd)
     tokens: list[str] = []

@@ -25,13 +25,14 @@ class Candidate:
 
     __slots__ = ("name", "fd", "setuid_root", "setgid_root")
 
-    def __init__(self, name: str, fd: int, st: os.stat_result) -> None:
+    def __init__(self, name: str, fd: int, st: os.stat_result, nosuid: bool) -> None:
         self.name = name
         self.fd = fd
         # A set-user-ID (set-group-ID) bit counts only on a file owned by
-        # root (group root), as the kernel would grant nothing else either.
-        self.setuid_root = bool(st.st_mode & stat.S_ISUID) and st.st_uid == 0
-        self.setgid_root = bool(st.st_mode & stat.S_ISGID) and st.st_gid == 0
+        # root (group root) on a file system not mounted nosuid, just as
+        # the kernel would grant nothing else either.
+        self.setuid_root = bool(st.st_mode & stat.S_ISUID) and st.st_uid == 0 and not nosuid
+        self.setgid_root = bool(st.st_mode & stat.S_ISGID) and st.st_gid == 0 and not nosuid
 
 
 def scan(dir_fd: int, settings: Settings, debug) -> list[Candidate]:
@@ -48,7 +49,8 @@ def scan(dir_fd: int, settings: Settings, debug) -> list[Candidate]:
             debug(f'Ignoring plugin dir entry "{name}" matching pattern {pattern}')
             continue
         try:
-            fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+            # O_NONBLOCK: a FIFO must not block us here (it is skipped below).
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dir_fd)
         except OSError as err:
             debug(f'Could not open plugin "{name}": {err.strerror}', always=True)
             continue
@@ -62,5 +64,6 @@ def scan(dir_fd: int, settings: Settings, debug) -> list[Candidate]:
             debug(f'Ignoring disabled plugin "{name}"')
             os.close(fd)
             continue
-        found.append(Candidate(name, fd, st))
+        nosuid = bool(os.fstatvfs(fd).f_flag & os.ST_NOSUID)
+        found.append(Candidate(name, fd, st, nosuid))
     return found

@@ -25,9 +25,35 @@ MAX_OUTPUT = 8 * 1024 * 1024
 KILL_GRACE_SECONDS = 5.0
 READ_SIZE = 65536
 
-# Dispositions Python changes at start-up and children must not inherit.
+# Dispositions the runner changes and children must not inherit.  Python
+# itself ignores SIGPIPE and SIGXFSZ at start-up, unconditionally, so what
+# the caller had there is unknowable: plugins get the default, as from
+# subprocess.  SIGTERM, SIGINT and SIGHUP that the caller ignored stay
+# ignored (see Supervisor's ``ignored_signals``).
 _RESET_IN_CHILD = (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGCHLD,
                    _signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
+
+
+def inherited_environment() -> dict[str, str]:
+    """The environment this process was started with.
+
+    os.environ is not quite that: at start-up the interpreter adds
+    LC_CTYPE=C.UTF-8 when no locale is set (PEP 538 locale coercion), which
+    must not leak into plugins.  The kernel's copy in /proc/self/environ is
+    the original.  Read it before dropping privileges: the kernel hides it
+    from a process whose user IDs changed.
+    """
+    try:
+        with open("/proc/self/environ", "rb") as file:
+            block = file.read()
+    except OSError:
+        return dict(os.environ)
+    env = {}
+    for entry in block.split(b"\0"):
+        var, eq, value = entry.partition(b"=")
+        if eq and var:
+            env.setdefault(os.fsdecode(var), os.fsdecode(value))
+    return env
 
 
 class Plugin:
@@ -52,9 +78,9 @@ def build_argv(name: str, settings: Settings) -> list[str]:
     return [name] + (own.args if own else []) + settings.global_record.args
 
 
-def build_env(name: str, settings: Settings) -> dict[str, str]:
+def build_env(name: str, settings: Settings, inherited: dict[str, str]) -> dict[str, str]:
     """Environment: --env-for beats --global-env beats the inherited one."""
-    env = dict(os.environ)
+    env = dict(inherited)
     env.update(settings.global_record.env)
     own = settings.plugins.get(name)
     if own is not None:
@@ -66,8 +92,11 @@ class Supervisor:
     """Owns the plugin processes from start to the last reap."""
 
     def __init__(self, settings: Settings, privileges: PrivilegeState, wakeup_fd: int,
-                 debug) -> None:
+                 debug, inherited_env: dict[str, str],
+                 ignored_signals: frozenset = frozenset()) -> None:
         self.settings = settings
+        self.ignored_signals = ignored_signals
+        self.inherited_env = inherited_env
         self.privileges = privileges
         self.wakeup_fd = wakeup_fd
         self.debug = debug
@@ -79,7 +108,7 @@ class Supervisor:
     def start(self, candidate: Candidate) -> None:
         """Fork and execute one plugin with its stdout on a new pipe."""
         argv = build_argv(candidate.name, self.settings)
-        env = build_env(candidate.name, self.settings)
+        env = build_env(candidate.name, self.settings, self.inherited_env)
         read_fd, write_fd = os.pipe()
         try:
             pid = os.fork()
@@ -101,7 +130,8 @@ class Supervisor:
         """Runs in the forked child; never returns."""
         try:
             for signum in _RESET_IN_CHILD:
-                _signal.signal(signum, _signal.SIG_DFL)
+                _signal.signal(signum, _signal.SIG_IGN if signum in self.ignored_signals
+                               else _signal.SIG_DFL)
             _signal.set_wakeup_fd(-1)
             _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
             os.dup2(write_fd, 1)
