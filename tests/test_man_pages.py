@@ -14,7 +14,8 @@ def test_man_pages_exist_for_every_program():
     names = {p.name for p in PAGES}
     for expected in ("plugin-runner.8mandos", "plugin-runner.conf.5",
                      "askpass-fifo.8mandos", "password-prompt.8mandos",
-                     "mandos-keygen.8", "mandos-client.8mandos"):
+                     "mandos-keygen.8", "mandos-client.8mandos", "mandos.8",
+                     "mandos.conf.5", "mandos-clients.conf.5"):
         assert expected in names
 
 
