@@ -200,6 +200,7 @@ class Supervisor:
                        always=True)
             plugin.failed = True
             plugin.output.clear()
+            poller.unregister(plugin.fd)  # a closed fd would make poll() spin
             self._terminate(plugin)
             return
         plugin.output.append(data)
@@ -280,6 +281,10 @@ def _kill(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
     except ProcessLookupError:
+        pass
+    except PermissionError:
+        # A set-user-ID plugin that made itself fully root is out of the
+        # unprivileged runner's reach; it is left to end by itself.
         pass
 
 
