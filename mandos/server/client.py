@@ -386,6 +386,16 @@ class Client:
         self.bump_timeout(self.extended_timeout, only_extend=True)
         self._signal("GotSecret")
 
+    # Settings that take effect by being stored (D-Bus property writes).
+    PLAIN_SETTINGS = ("host", "checker_command", "extended_timeout", "approval_delay",
+                      "approval_duration", "approved_by_default")
+
+    def set_setting(self, name: str, value) -> None:
+        """Store a new value of one of PLAIN_SETTINGS (observers are told)."""
+        if name not in self.PLAIN_SETTINGS:
+            raise KeyError(name)
+        self._set(name, value)
+
     def set_secret(self, secret: bytes) -> None:
         """Replace the secret (for the next connection)."""
         self.secret = bytes(secret)
