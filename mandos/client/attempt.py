@@ -43,6 +43,9 @@ def connect(server: ServerAddress, timeout: float = CONNECT_TIMEOUT) -> socket.s
         sock.settimeout(timeout)
         sock.connect(server.sockaddr())
         sock.settimeout(None)
+        # Small TLS flights must go out at once: with Nagle's algorithm a
+        # flight can wait for the peer's delayed ACK (tens of milliseconds).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # A server that vanishes while we wait (its approval delay may be
         # long) must not hold us forever: let TCP keep-alive notice.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
