@@ -278,8 +278,8 @@ class Client:
         try:
             status = await self._run_checker(command)
         except asyncio.CancelledError:
-            # Killed by stop_checker(): no result, no CheckerCompleted.
-            self._changed("checker_running")
+            # Killed by stop_checker(), which told the observers: no result,
+            # no CheckerCompleted.
             raise
         except OSError as err:
             log.error("Could not run checker %r for %s: %s", command, self.name, err)
@@ -312,6 +312,8 @@ class Client:
         """Kill a running checker (its whole process group); no result counts."""
         if self.checker_running:
             self._checker_task.cancel()
+            self._checker_task = None
+            self._changed("checker_running")
         self._checker_task = None
 
     # -- approval and the secret (§9) ----------------------------------------
@@ -323,16 +325,18 @@ class Client:
         loop = asyncio.get_running_loop()
         self._approval_reset = loop.call_later(self.approval_duration.total_seconds(),
                                                self._reset_approval)
-        self._wake_waiters()
+        # Waiters get the decision itself: with a very short approval_duration
+        # the reset may run before they do.
+        self._wake_waiters(approved)
 
     def _reset_approval(self) -> None:
         self._approval_reset = None
         self.approved = None
 
-    def _wake_waiters(self) -> None:
+    def _wake_waiters(self, decision: bool | None = None) -> None:
         for waiter in self._waiters:
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(decision)
 
     async def may_have_secret(self) -> bool:
         """Run the approval procedure for one connection; True: send the secret.
@@ -364,7 +368,7 @@ class Client:
                 self._waiters.add(waiter)
                 started = time.monotonic()
                 try:
-                    await asyncio.wait_for(waiter, remaining)
+                    decision = await asyncio.wait_for(waiter, remaining)
                 except asyncio.TimeoutError:
                     if not self.enabled:
                         continue  # refused as disabled at the top of the loop
@@ -376,6 +380,12 @@ class Client:
                 finally:
                     self._waiters.discard(waiter)
                 remaining -= time.monotonic() - started
+                if decision is not None and self.enabled:
+                    if decision:
+                        return True
+                    log.warning("Client %s was not approved", self.name)
+                    self._signal("Rejected", "Denied")
+                    return False
         finally:
             if pending:
                 self._set("approvals_pending", self.approvals_pending - 1)
