@@ -127,6 +127,7 @@ class Server:
         self.dbus = None
         self.announcer = None
         self.stopping: asyncio.Event | None = None
+        self.exit_status = 0
 
     async def run(self) -> None:
         """Steps 11-20 of the start-up, then serve until a terminating signal."""
@@ -177,19 +178,30 @@ class Server:
         self.listener = Listener(self.sock, self.registry, priority=self.config.priority,
                                  handshake_timeout=self.config.handshake_timeout,
                                  max_handshakes=self.config.max_handshakes)
-        await self.listener.start()
-        if self.config.zeroconf:
-            await self._announce(port)
-        notify_systemd("READY=1")
-        await self.stopping.wait()
-        await self.shutdown()
+        try:
+            await self.listener.start()
+            if self.config.zeroconf:
+                try:
+                    await self._announce(port)
+                except Exception as err:
+                    raise FatalError(f"Zeroconf announcement failed: {err}") from None
+            notify_systemd("READY=1")
+            await self.stopping.wait()
+        finally:
+            await self.shutdown()
 
     async def _announce(self, port: int) -> None:
         from mandos.server import announce, logs
         self.announcer = announce.Announcer(
             self.config.servicename, port, use_ipv6=self.config.use_ipv6,
-            interface=self.config.interface or None, on_rename=logs.set_service_name)
+            interface=self.config.interface or None, on_rename=logs.set_service_name,
+            on_fatal=self._announce_failed)
         await self.announcer.start()
+
+    def _announce_failed(self, error: Exception) -> None:
+        log.critical("Zeroconf announcement failed: %s", error)
+        self.exit_status = 1
+        self.stopping.set()
 
     def _stop(self, signum: int) -> None:
         log.info("Got signal %s; stopping", signal.Signals(signum).name)
@@ -217,10 +229,53 @@ class Server:
             await self.dbus.aclose()
 
 
+def self_check(config) -> int:
+    """--check: can this server run here with this configuration?
+
+    Loads GnuTLS (with raw public keys), accepts the priority string, reads
+    and converts clients.conf, and runs one checker.  Prints each result.
+    """
+    import asyncio as _asyncio
+
+    from mandos import gnutls
+    from mandos.server import checker
+    failures = 0
+
+    def report(what: str, error: Exception | None) -> None:
+        nonlocal failures
+        failures += error is not None
+        print(f"{'FAIL' if error else 'ok  '} {what}" + (f": {error}" if error else ""))
+
+    try:
+        version = gnutls.library_version()
+        with gnutls.CertificateCredentials() as credentials, \
+                gnutls.Session(gnutls.Role.CLIENT, credentials, config.priority):
+            pass
+        report(f"GnuTLS {version} with raw public keys and the priority string", None)
+    except gnutls.GnuTLSError as err:
+        report("GnuTLS", err)
+    path = os.path.join(config.configdir, "clients.conf")
+    try:
+        text = clients_conf.read_text(path)
+        clients = clients_conf.parse(text) if text is not None else []
+        report(f"{path}: {len(clients)} clients", None)
+    except clients_conf.ConfigError as err:
+        report(path, err)
+    try:
+        status = _asyncio.run(checker.run_checker("true"))
+        report("running a checker with /bin/sh",
+               None if status == 0 else RuntimeError(f"wait status {status}"))
+    except OSError as err:
+        report("running a checker with /bin/sh", err)
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the Mandos server; returns the exit status."""
     from mandos.server import logs
     config = server_settings.load(sys.argv[1:] if argv is None else argv)
+    if config.check:
+        return self_check(config)
     logs.setup(config)
     try:
         text = clients_conf.read_text(os.path.join(config.configdir, "clients.conf"))
@@ -245,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         if pidfile is not None:
             with pidfile:
                 pidfile.write(f"{os.getpid()}\n")
-        asyncio.run(Server(config, sock, configs).run())
+        server = Server(config, sock, configs)
+        asyncio.run(server.run())
     except (clients_conf.ConfigError, FatalError) as err:
         log.critical("%s", err)
         return 1
-    return 0
+    return server.exit_status
