@@ -91,11 +91,12 @@ def match_long(key: str, arg: str, names) -> str:
 def usage_line(program: str, options: tuple, width: int = 78) -> str:
     """The short ``--usage`` text in argp's layout, from an option table
     whose fourth column is the argument's placeholder."""
-    flags = "".join(short for _, short, has_arg, _ in options if short and not has_arg)
+    columns = [option[:4] for option in options]  # tables may carry more columns
+    flags = "".join(short for _, short, has_arg, _ in columns if short and not has_arg)
     parts = [f"[-{flags}]"] if flags else []
-    parts += [f"[-{short} {arg}]" for _, short, has_arg, arg in options if short and has_arg]
+    parts += [f"[-{short} {arg}]" for _, short, has_arg, arg in columns if short and has_arg]
     parts += [f"[--{name}={arg}]" if has_arg else f"[--{name}]"
-              for name, _, has_arg, arg in options]
+              for name, _, has_arg, arg in columns]
     lines, line = [], f"Usage: {program}"
     indent = " " * (len(line) - 1 if len(line) < 20 else 12)
     for part in parts:

@@ -167,6 +167,16 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "gnutls_certificate_get_peers":
         (ctypes.POINTER(_Datum), [_vp, ctypes.POINTER(_uint)]),
     "gnutls_session_get_desc": (_vp, [_vp]),
+    "gnutls_privkey_init": (_int, [ctypes.POINTER(_vp)]),
+    "gnutls_privkey_deinit": (None, [_vp]),
+    "gnutls_privkey_import_x509_raw":
+        (_int, [_vp, ctypes.POINTER(_Datum), _int, _str, _uint]),
+    "gnutls_pubkey_init": (_int, [ctypes.POINTER(_vp)]),
+    "gnutls_pubkey_deinit": (None, [_vp]),
+    "gnutls_pubkey_import": (_int, [_vp, ctypes.POINTER(_Datum), _int]),
+    "gnutls_pubkey_import_privkey": (_int, [_vp, _vp, _uint, _uint]),
+    "gnutls_pubkey_get_key_id":
+        (_int, [_vp, _uint, ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t)]),
 }
 
 _init_lock = threading.Lock()
@@ -255,6 +265,47 @@ def key_id_from_spki_der(der: bytes) -> str:
     import hashlib  # not needed on the client's boot path
 
     return hashlib.sha256(der).hexdigest().upper()
+
+
+_GNUTLS_KEYID_USE_SHA256 = 1 << 0
+
+
+def key_pair_matches(public_pem: bytes, private_pem: bytes) -> bool:
+    """Whether the private key belongs to the public key (both PEM).
+
+    GnuTLS loads a raw-key pair without checking this; a mismatched pair
+    would only show up as handshakes the server cannot verify.  Raises
+    GnuTLSError if either key cannot be parsed.
+    """
+    lib = _library()
+    privkey, derived, given = _vp(), _vp(), _vp()
+    private = ctypes.create_string_buffer(private_pem, len(private_pem) + 1)
+    public = ctypes.create_string_buffer(public_pem, len(public_pem) + 1)
+    _check(lib, "gnutls_privkey_init", lib.gnutls_privkey_init(ctypes.byref(privkey)))
+    try:
+        _check(lib, "gnutls_privkey_import_x509_raw", lib.gnutls_privkey_import_x509_raw(
+            privkey, ctypes.byref(_datum(private)), _GNUTLS_X509_FMT_PEM, None, 0))
+        _check(lib, "gnutls_pubkey_init", lib.gnutls_pubkey_init(ctypes.byref(derived)))
+        _check(lib, "gnutls_pubkey_init", lib.gnutls_pubkey_init(ctypes.byref(given)))
+        _check(lib, "gnutls_pubkey_import_privkey",
+               lib.gnutls_pubkey_import_privkey(derived, privkey, 0, 0))
+        _check(lib, "gnutls_pubkey_import", lib.gnutls_pubkey_import(
+            given, ctypes.byref(_datum(public)), _GNUTLS_X509_FMT_PEM))
+        ids = []
+        for pubkey in (derived, given):
+            buffer = ctypes.create_string_buffer(64)
+            size = ctypes.c_size_t(len(buffer))
+            _check(lib, "gnutls_pubkey_get_key_id", lib.gnutls_pubkey_get_key_id(
+                pubkey, _GNUTLS_KEYID_USE_SHA256, buffer, ctypes.byref(size)))
+            ids.append(buffer.raw[:size.value])
+        return ids[0] == ids[1]
+    finally:
+        ctypes.memset(private, 0, len(private))
+        for handle, free in ((derived, lib.gnutls_pubkey_deinit),
+                             (given, lib.gnutls_pubkey_deinit),
+                             (privkey, lib.gnutls_privkey_deinit)):
+            if handle.value:
+                free(handle)
 
 
 # GnuTLS logs traffic keys and IVs ("INT: CLIENT WRITE KEY ...") at exactly

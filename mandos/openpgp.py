@@ -412,6 +412,12 @@ class GnuPGHome:
         detail = _gpg_messages(result.stderr)
         detail = f": {detail}" if detail else ""
         if stats.failed:
+            # Rare: find out which file is at fault, so the message names it.
+            for path, key_data in zip(paths, data):
+                single = ImportStats.from_status(self._gnupg().import_keys(key_data).stderr)
+                if single.failed:
+                    raise KeyImportError(path, f"gpg imported no key ({single}){detail}",
+                                         single)
             raise KeyImportError(paths[0], f"gpg imported no key ({stats}){detail}", stats)
         if stats.sec_read < 1 or stats.sec_imported + stats.sec_dups < 1:
             raise KeyImportError(paths[1], f"gpg imported no secret key ({stats}){detail}",

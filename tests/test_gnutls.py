@@ -898,3 +898,14 @@ def test_x509_peer_is_not_a_raw_public_key(tmp_path, client_creds):
         with pytest.raises(GnuTLSError) as info:
             session.peer_raw_public_key_der()
     assert info.value.code == gnutls.E_UNSUPPORTED_CERTIFICATE_TYPE
+
+
+def test_key_pair_matches_tells_belonging_pairs_from_strangers():
+    """A raw-key pair is checked for belonging together (GnuTLS does not, on load)."""
+    from mandos import keys
+    public, private = keys.generate_tls_keypair()
+    other_public, _ = keys.generate_tls_keypair()
+    assert gnutls.key_pair_matches(public, bytes(private))
+    assert not gnutls.key_pair_matches(other_public, bytes(private))
+    with pytest.raises(gnutls.GnuTLSError):
+        gnutls.key_pair_matches(b"not a key", bytes(private))

@@ -32,6 +32,12 @@ class Unreachable(AttemptFailed):
 
 def connect(server: ServerAddress, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
     """Open the TCP connection to ``server``; raises AttemptFailed."""
+    try:
+        # Numeric addresses only, as the original: no name look-ups, no
+        # "127.1" shorthand, no empty address meaning "any".
+        socket.inet_pton(server.family, server.address)
+    except (OSError, ValueError):
+        raise AttemptFailed(f"Bad address: {server.address}") from None
     if server.family == socket.AF_INET6 and server.is_link_local() and not server.ifindex:
         raise AttemptFailed("IPv6 link-local address is incomplete without a "
                             "network interface")
@@ -71,11 +77,12 @@ def connect(server: ServerAddress, timeout: float = CONNECT_TIMEOUT) -> socket.s
 
 def fetch_secret(sock: socket.socket, credentials: "gnutls.CertificateCredentials",
                  priority: str, handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 after_handshake=None) -> bytes:
+                 after_handshake=None, should_abort=None) -> bytes:
     """Speak the protocol over a connected socket; return the received bytes.
 
     ``after_handshake()``, if given, is called once the TLS handshake is
-    done, while the server decides and sends.
+    done, while the server decides and sends.  ``should_abort()`` is asked
+    whenever a blocking TLS call is interrupted; true abandons the attempt.
 
     Returns the data only if the server ended the TLS stream with
     close_notify; zero bytes (the server's way of saying no) raise
@@ -89,13 +96,14 @@ def fetch_secret(sock: socket.socket, credentials: "gnutls.CertificateCredential
         with gnutls.Session(gnutls.Role.SERVER, credentials, priority) as session:
             session.set_transport(sock)
             session.set_handshake_timeout(handshake_timeout)
-            session.handshake()
+            session.handshake(should_abort)
             log.debug("TLS handshake done: %s", session.description())
             if after_handshake is not None:
                 after_handshake()
-            data = session.recv_until_close_notify(limit=MAX_SECRET_SIZE)
+            data = session.recv_until_close_notify(limit=MAX_SECRET_SIZE,
+                                                   should_abort=should_abort)
             try:
-                session.bye(gnutls.SHUT_RDWR)
+                session.bye(gnutls.SHUT_RDWR, should_abort)
             except gnutls.GnuTLSError as err:
                 log.debug("Closing the TLS session: %s", err)
     except gnutls.GnuTLSError as err:

@@ -114,10 +114,22 @@ def _load_credentials(opts: cli.ClientOptions):
     """TLS credentials from the key files; raises SetupError (EX_UNAVAILABLE)."""
     from mandos import gnutls
     try:
-        credentials = gnutls.RawPublicKeyCredentials.from_files(opts.tls_pubkey,
-                                                               opts.tls_privkey)
+        with open(opts.tls_pubkey, "rb") as file:
+            public_pem = file.read()
+        with open(opts.tls_privkey, "rb") as file:
+            private_pem = file.read()
+        credentials = gnutls.RawPublicKeyCredentials(public_pem, private_pem)
+        matches = gnutls.key_pair_matches(public_pem, private_pem)
     except (gnutls.GnuTLSError, OSError) as err:
         raise SetupError(os.EX_UNAVAILABLE, _explain_key_failure(opts, err)) from None
+    finally:
+        private_pem = None
+    if not matches:
+        credentials.close()
+        # The original goes on with such a pair, and every handshake fails.
+        raise SetupError(os.EX_UNAVAILABLE,
+                         f"The TLS keys {opts.tls_pubkey} and {opts.tls_privkey} "
+                         "do not belong together")
     if opts.dh_params:
         try:
             with open(opts.dh_params, "rb") as dh_file:
@@ -243,8 +255,9 @@ class Client:
         try:
             try:
                 with attempt.connect(server) as sock:
-                    encrypted = attempt.fetch_secret(sock, self.credentials,
-                                                     self.opts.priority)
+                    encrypted = attempt.fetch_secret(
+                        sock, self.credentials, self.opts.priority,
+                        should_abort=lambda: bool(self.signals.received))
             except attempt.AttemptFailed as err:
                 self.signals.check()
                 log.info("Attempt failed: %s", err)
