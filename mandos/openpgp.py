@@ -403,6 +403,7 @@ class GnuPGHome:
         """
         paths = [os.fspath(pubkey_path), os.fspath(seckey_path)]
         data = [read_key_file(path, _MAX_OPENPGP_KEY_FILE_SIZE) for path in paths]
+        self._reap_launcher()  # the agent is up before gpg looks for it
         if clock_looks_unset(clock() if clock is not None else None):
             for path in paths:
                 set_clock_from_file(path, privileged=privileged, set_clock=set_clock)
@@ -521,6 +522,7 @@ class GnuPGHome:
         if self._closed or os.getpid() != self._owner_pid:
             return
         try:
+            self._reap_launcher()
             self._stop_agent()
         finally:
             self._remove_home()
@@ -545,6 +547,34 @@ class GnuPGHome:
             pids = agent_pids(self.path)
         if pids:
             logger.warning("gpg-agent for %s did not exit (pids %s)", self.path, pids)
+
+    def launch_agent(self) -> None:
+        """Start this home's gpg-agent now, in the background.
+
+        gpg would start it on the first secret-key operation and wait for
+        it; launching it early lets its start overlap with other work.  The
+        launcher (``gpgconf --launch``) is reaped in ``close()`` or by
+        ``import_keys``.
+        """
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                actions = [(os.POSIX_SPAWN_DUP2, null, fd) for fd in (0, 1, 2)]
+                self._launcher = os.posix_spawnp(
+                    self.gpgconf_binary,
+                    [self.gpgconf_binary, "--homedir", self.path, "--launch", "gpg-agent"],
+                    os.environ, file_actions=actions)
+            finally:
+                os.close(null)
+        except OSError as err:
+            logger.debug("could not launch gpg-agent early: %s", err)
+
+    def _reap_launcher(self) -> None:
+        pid = getattr(self, "_launcher", 0)
+        if pid:
+            self._launcher = 0
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
     def _gpgconf(self, *args: str) -> None:
         import subprocess

@@ -151,6 +151,7 @@ def _child_main(sock: socket.socket, pubkey: str, seckey: str, privileges) -> in
               + f"Could not create a GnuPG home: {err.strerror}".encode())
         return 0
     try:
+        home.launch_agent()  # starts while python-gnupg is being loaded
         try:
             home.import_keys(pubkey, seckey, privileged=lambda: privileges)
         except Exception as err:  # noqa: BLE001 - reported through the parent

@@ -190,6 +190,8 @@ class Client:
     def run(self) -> int:
         """Steps 3-15 of the run sequence; returns the exit status."""
         _fix_key_ownership(self.opts, self.privileges)
+        # First, so that the OpenPGP work overlaps with everything else.
+        self._start_openpgp()
         self.ifindex = self._choose_interface()
         if self.opts.connect is None:
             raise SetupError(os.EX_UNAVAILABLE,
@@ -197,7 +199,6 @@ class Client:
                              "use --connect ADDRESS:PORT")
         from mandos.client.servers import parse_connect
         server = parse_connect(self.opts.connect, self.ifindex)
-        self._start_openpgp()
         self.credentials = _load_credentials(self.opts)
         return self._direct_mode(server)
 
