@@ -98,8 +98,11 @@ async def run_checker(command: str, *, debug: bool = False) -> int:
     try:
         return _wait_status(await process.wait())
     except asyncio.CancelledError:
-        # Finish ending the group even if cancelled again meanwhile: whoever
-        # started the processes owns their end.
+        # Signal the group now, while we surely still run (at shutdown the
+        # event loop may not give the ending task another step), then finish
+        # ending it even if cancelled again meanwhile: whoever started the
+        # processes owns their end.
+        _signal_group(process.pid, signal.SIGTERM)
         ending = asyncio.ensure_future(_end_group(process))
         while not ending.done():
             try:

@@ -115,6 +115,12 @@ def setup(settings: _Settings, program: str = "mandos") -> None:
                     DEV_LOG, problem.strerror or problem)
 
 
+def logs_to_stderr() -> bool:
+    """Whether log messages also go to standard error."""
+    return any(isinstance(handler, logging.StreamHandler)
+               and getattr(handler, "stream", None) is sys.stderr for handler in _handlers)
+
+
 def set_service_name(name: str) -> None:
     """Tag syslog lines with the service name ``name`` (after a Zeroconf rename)."""
     if _syslog is not None:

@@ -21,6 +21,7 @@ from mandos.server import clients_conf, settings as server_settings
 log = logging.getLogger("mandos.server")
 
 LISTEN_BACKLOG = 128  # the original's 5 drops connections under load
+CHECKER_KILL_WAIT = 5.0  # a checker group gets SIGKILL this long after SIGTERM
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
@@ -227,6 +228,10 @@ class Server:
                 self.registry.remove(client.name)
         if self.dbus is not None:
             await self.dbus.aclose()
+        # Let stopped checkers finish ending their process groups.
+        pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending, timeout=2 * CHECKER_KILL_WAIT)
 
 
 def self_check(config) -> int:
@@ -304,5 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(server.run())
     except (clients_conf.ConfigError, FatalError) as err:
         log.critical("%s", err)
+        if not logs.logs_to_stderr():
+            # Whoever started the server should see why it stopped.
+            sys.stderr.write(f"mandos: {err}\n")
         return 1
     return server.exit_status
