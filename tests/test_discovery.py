@@ -1,0 +1,592 @@
+"""Tests for Zeroconf discovery of Mandos servers (PROTOCOL.md §2.2, CLIENT.md §2.9).
+
+Real multicast DNS, but only inside network namespaces the tests create and
+always delete: "hosts" (one namespace each) plugged into "segments" (a
+bridge in a hub namespace).  The browser under test, the announcers (our
+server's, or an avahi-daemon as the original server uses) and the packet
+capture run as processes in those namespaces (``ip netns exec``) and report
+JSON lines on stdout.  Nothing is ever sent on the real host's interfaces.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from mandos.discovery import Browser, DiscoveryError, _order
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = "/usr/bin/python3"  # Debian's, with python3-zeroconf
+SERVICE_TYPE = "_mandos._tcp.local."
+TYPE_PTR, TYPE_SRV, TYPE_TXT, TYPE_A, TYPE_AAAA = 12, 33, 16, 1, 28
+
+# --------------------------------------------------------------------------
+# Programs run inside the namespaces.  Each prints JSON lines on stdout.
+
+BROWSER = r"""
+import json, signal, socket, sys, threading
+sys.path.insert(0, sys.argv[1])
+from mandos.discovery import Browser
+options = json.loads(sys.argv[2])
+printing = threading.Lock()
+
+def emit(event, **fields):
+    with printing:
+        print(json.dumps({"event": event, **fields}), flush=True)
+
+def found(server):
+    emit("found", address=server.address, port=server.port,
+         family=6 if server.family == socket.AF_INET6 else 4,
+         ifindex=server.ifindex, ifname=socket.if_indextoname(server.ifindex))
+
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+browser = Browser(found, interfaces=options["interfaces"], ipv6=options["ipv6"],
+                  ipv4=options["ipv4"], rescan_interval=0.2)
+browser.start()
+browser.wait_started(10)
+emit("ready", links=sorted(f"{name}/{6 if family == socket.AF_INET6 else 4}"
+                           for name, family in browser.links),
+     indexes={name: socket.if_nametoindex(name) for _, name in socket.if_nameindex()})
+done.wait()
+browser.close()
+emit("closed", alive=browser._thread.is_alive(), failed=repr(browser.failed),
+     threads=sorted(t.name for t in threading.enumerate()))
+"""
+
+ANNOUNCER = r"""
+import asyncio, json, signal, sys
+sys.path.insert(0, sys.argv[1])
+from mandos.server.announce import Announcer
+options = json.loads(sys.argv[2])
+
+async def main():
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    announcer = Announcer(options["name"], options["port"], use_ipv6=options["ipv6"],
+                          rescan_interval=0.3)
+    await announcer.start()
+    print(json.dumps({"event": "started", "name": announcer.name}), flush=True)
+    await stop.wait()
+    await announcer.stop()
+    print(json.dumps({"event": "stopped"}), flush=True)
+
+asyncio.run(main())
+"""
+
+CAPTURE = r"""
+import json, select, signal, socket, struct, sys
+from zeroconf import DNSIncoming
+ifname = sys.argv[1]
+index = socket.if_nametoindex(ifname)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+def listener(family, group):
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(("::", 5353))
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
+                        socket.inet_pton(family, group) + struct.pack("@I", index))
+    else:
+        sock.bind(("0.0.0.0", 5353))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                        socket.inet_aton(group) + socket.inet_aton("0.0.0.0")
+                        + struct.pack("@i", index))
+    return sock
+
+sockets = {listener(socket.AF_INET6, "ff02::fb"): 6, listener(socket.AF_INET, "224.0.0.251"): 4}
+print(json.dumps({"event": "ready"}), flush=True)
+while True:
+    for sock in select.select(list(sockets), [], [])[0]:
+        data, source = sock.recvfrom(9000)
+        message = DNSIncoming(data)
+        print(json.dumps({
+            "event": "packet", "family": sockets[sock], "source": source[0],
+            "response": message.is_response(),
+            "questions": [[q.name, q.type] for q in message.questions],
+            "records": [[r.name, r.type] for r in message.answers]}), flush=True)
+"""
+
+# avahi-daemon as the original Mandos server drives it: service "Mandos",
+# type _mandos._tcp, IPv6 only, empty TXT list.  A static service file says
+# the same as the original's D-Bus AddService call.
+AVAHI_CONF = """\
+[server]
+use-ipv4=yes
+use-ipv6=yes
+allow-interfaces={interface}
+enable-dbus=no
+ratelimit-interval-usec=1000000
+ratelimit-burst=1000
+[wide-area]
+enable-wide-area=no
+[publish]
+publish-hinfo=no
+publish-workstation=no
+[reflector]
+[rlimits]
+"""
+AVAHI_SERVICE = """\
+<?xml version="1.0" standalone='no'?>
+<!DOCTYPE service-group SYSTEM "avahi-service.dtd">
+<service-group>
+  <name>{name}</name>
+  <service protocol="ipv6">
+    <type>_mandos._tcp</type>
+    <port>{port}</port>
+  </service>
+</service-group>
+"""
+# The daemon's run-time folder and its services folder are made private to
+# it: a tmpfs on /run and a bind mount on /etc/avahi/services, in a mount
+# namespace of its own, so nothing of the host's is used or changed.
+AVAHI_WRAPPER = """\
+set -e
+mount -t tmpfs tmpfs /run
+mkdir -p /run/avahi-daemon
+mount --bind "$1" /etc/avahi/services
+exec avahi-daemon --no-chroot --no-rlimits --file="$2"
+"""
+
+
+# --------------------------------------------------------------------------
+# Namespaces and processes.
+
+class Peer:
+    """A process in a namespace; its stdout JSON lines become events."""
+
+    def __init__(self, argv: list[str], label: str) -> None:
+        self.label = label
+        self.events: list[dict[str, Any]] = []
+        self.stderr: list[str] = []
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._eof = False
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True)
+        self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _read_stdout(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = {"event": "text", "line": line.rstrip("\n")}
+            self._queue.put(event)
+        self._queue.put(None)
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.stderr.append(line.rstrip("\n"))
+
+    def _drain(self, timeout: float) -> None:
+        if self._eof:
+            time.sleep(max(timeout, 0))
+            return
+        try:
+            event = self._queue.get(timeout=max(timeout, 0.001))
+            while True:
+                if event is None:
+                    self._eof = True
+                    return
+                self.events.append(event)
+                event = self._queue.get_nowait()
+        except queue.Empty:
+            pass
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10,
+                 what: str = "event") -> dict[str, Any]:
+        """The first event (past or future) satisfying ``predicate``."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for event in self.events[seen:]:
+                if predicate(event):
+                    return event
+            seen = len(self.events)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._drain(min(remaining, 0.1))
+        raise AssertionError(f"{self.label}: no {what} within {timeout} s; "
+                             f"events: {self.events}; stderr: {self.stderr[-30:]}")
+
+    def collect(self, seconds: float) -> list[dict[str, Any]]:
+        """All events after waiting ``seconds`` more."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            self._drain(min(remaining, 0.1))
+        self._drain(0)
+        return self.events
+
+    def found(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == "found"]
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        os.killpg(self.process.pid, signum)
+
+    def terminate(self) -> None:
+        """SIGTERM, then SIGKILL after a grace period; by process group id."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            except ProcessLookupError:
+                pass
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+
+class Lab:
+    """Network namespaces plugged into bridged segments; all deleted by close()."""
+
+    _ids = itertools.count()
+
+    def __init__(self) -> None:
+        self.prefix = f"mandos-disc-{os.getpid()}-{next(self._ids)}"
+        self.namespaces: list[str] = []
+        self.peers: list[Peer] = []
+        self.folders: list[Path] = []
+        self.hub: str | None = None
+        self._plugs = itertools.count()
+        self._segments: set[str] = set()
+
+    def run(self, *argv: str) -> str:
+        result = subprocess.run(argv, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def ip(self, namespace: str, *argv: str) -> str:
+        return self.run("ip", "-n", namespace, *argv)
+
+    def sysctl(self, namespace: str, setting: str) -> None:
+        self.run("ip", "netns", "exec", namespace, "sysctl", "-qw", setting)
+
+    def host(self, role: str) -> str:
+        """A new namespace with loopback up."""
+        name = f"{self.prefix}-{role}"
+        try:
+            self.run("ip", "netns", "add", name)
+        except RuntimeError as error:
+            pytest.fail(f"cannot create network namespace {name} (root and iproute2 are "
+                        f"needed for the Zeroconf tests): {error}")
+        self.namespaces.append(name)
+        self.ip(name, "link", "set", "lo", "up")
+        return name
+
+    def plug(self, namespace: str, ifname: str, segment: str) -> None:
+        """Connect ``namespace`` to ``segment`` (a bridge flooding multicast) via ``ifname``."""
+        if self.hub is None:
+            self.hub = self.host("hub")
+            self.sysctl(self.hub, "net.ipv6.conf.default.disable_ipv6=1")
+        if segment not in self._segments:
+            self.ip(self.hub, "link", "add", f"br-{segment}", "type", "bridge",
+                    "mcast_snooping", "0")
+            self.ip(self.hub, "link", "set", f"br-{segment}", "up")
+            self._segments.add(segment)
+        peer = f"p{next(self._plugs)}"
+        self.run("ip", "link", "add", ifname, "netns", namespace, "type", "veth",
+                 "peer", "name", peer, "netns", self.hub)
+        self.ip(self.hub, "link", "set", peer, "master", f"br-{segment}")
+        # No duplicate-address detection: link-local addresses usable at once.
+        self.sysctl(namespace, f"net.ipv6.conf.{ifname}.accept_dad=0")
+        self.ip(self.hub, "link", "set", peer, "up")
+        self.ip(namespace, "link", "set", ifname, "up")
+
+    def link_local(self, namespace: str, ifname: str, timeout: float = 10) -> str:
+        """The interface's link-local address, once it is usable (not tentative)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            table = self.run("ip", "netns", "exec", namespace, "cat", "/proc/net/if_inet6")
+            for line in table.splitlines():
+                fields = line.split()
+                address = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(fields[0]))
+                if (fields[5] == ifname and address.startswith("fe80:")
+                        and not int(fields[4], 16) & 0x40):
+                    return address
+            time.sleep(0.05)
+        raise AssertionError(f"{ifname} in {namespace} got no link-local address")
+
+    def spawn(self, namespace: str, argv: list[str], label: str) -> Peer:
+        peer = Peer(["ip", "netns", "exec", namespace, *argv], label)
+        self.peers.append(peer)
+        return peer
+
+    def browser(self, namespace: str, *, interfaces: list[str | int] | None = None,
+                ipv6: bool = True, ipv4: bool = True) -> Peer:
+        """The browser under test, ready (its sockets open) when returned."""
+        options = {"interfaces": interfaces, "ipv6": ipv6, "ipv4": ipv4}
+        peer = self.spawn(namespace, [PYTHON, "-c", BROWSER, str(REPO), json.dumps(options)],
+                          f"browser in {namespace}")
+        peer.wait_for(lambda e: e["event"] == "ready", 15, "readiness")
+        return peer
+
+    def announcer(self, namespace: str, *, name: str = "Mandos", port: int = 4711,
+                  ipv6: bool = True, hostname: str = "mandos-server") -> Peer:
+        """Our server's announcer, once it has announced.
+
+        Each runs with a host name of its own (a UTS namespace), as separate
+        server machines would: two servers under one name would answer for
+        each other's address records.
+        """
+        options = {"name": name, "port": port, "ipv6": ipv6}
+        peer = self.spawn(namespace, ["unshare", "--uts", "sh", "-c",
+                                      'hostname "$0" && exec "$@"', hostname,
+                                      PYTHON, "-c", ANNOUNCER, str(REPO), json.dumps(options)],
+                          f"announcer in {namespace}")
+        peer.wait_for(lambda e: e["event"] == "started", 15, "start")
+        return peer
+
+    def avahi(self, namespace: str, interface: str, *, name: str, port: int) -> Peer:
+        """A namespace-private avahi-daemon publishing a Mandos service."""
+        folder = Path(tempfile.mkdtemp(prefix="mandos-avahi-"))
+        self.folders.append(folder)
+        services = folder / "services"
+        services.mkdir()
+        (services / "mandos.service").write_text(AVAHI_SERVICE.format(name=name, port=port))
+        config = folder / "avahi-daemon.conf"
+        config.write_text(AVAHI_CONF.format(interface=interface))
+        return self.spawn(namespace, ["unshare", "--mount", "sh", "-c", AVAHI_WRAPPER,
+                                      "avahi", str(services), str(config)],
+                          f"avahi-daemon in {namespace}")
+
+    def capture(self, namespace: str, ifname: str) -> Peer:
+        peer = self.spawn(namespace, [PYTHON, "-c", CAPTURE, ifname], f"capture in {namespace}")
+        peer.wait_for(lambda e: e["event"] == "ready", 10, "readiness")
+        return peer
+
+    def close(self) -> None:
+        try:
+            for peer in reversed(self.peers):
+                peer.terminate()
+        finally:
+            for name in reversed(self.namespaces):
+                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            for folder in self.folders:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def lab():
+    """A fresh set of namespaces, always deleted afterwards."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.fail("the discovery tests need root and iproute2 to create network namespaces")
+    instance = Lab()
+    try:
+        yield instance
+    finally:
+        instance.close()
+
+
+def one_link(lab: Lab, *, ipv4: bool = False) -> tuple[str, str, str]:
+    """Server and client hosts on one segment: (server ns, client ns, server link-local)."""
+    server, client = lab.host("srv"), lab.host("cli")
+    lab.plug(server, "eth0", "lan")
+    lab.plug(client, "eth0", "lan")
+    if ipv4:
+        lab.ip(server, "addr", "add", "10.77.0.1/24", "dev", "eth0")
+        lab.ip(client, "addr", "add", "10.77.0.2/24", "dev", "eth0")
+    address = lab.link_local(server, "eth0")
+    lab.link_local(client, "eth0")
+    return server, client, address
+
+
+def is_found(**expected: Any) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e["event"] == "found" and all(e[k] == v for k, v in expected.items())
+
+
+def client_index(browser: Peer, ifname: str) -> int:
+    ready = next(e for e in browser.events if e["event"] == "ready")
+    return ready["indexes"][ifname]
+
+
+# --------------------------------------------------------------------------
+# Without a network.
+
+def test_zeroconf_is_imported_only_when_browsing_starts():
+    code = ("import sys; import mandos.discovery; "
+            "print(any(m == 'zeroconf' or m.startswith('zeroconf.') for m in sys.modules))")
+    result = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_link_local_addresses_are_reported_first():
+    assert _order(["fd00::1", "fe80::2", "2001:db8::3", "fe80::4"], socket.AF_INET6) \
+        == ["fe80::2", "fe80::4", "fd00::1", "2001:db8::3"]
+    assert _order(["10.0.0.1", "169.254.1.1", "10.0.0.1"], socket.AF_INET) \
+        == ["169.254.1.1", "10.0.0.1"]
+
+
+def test_a_broken_zeroconf_is_reported_by_check(monkeypatch):
+    """Browsing that cannot work at all is fatal for the caller, not silent."""
+    monkeypatch.setitem(sys.modules, "zeroconf", None)  # "import zeroconf" fails
+    browser = Browser()
+    browser.start()
+    assert browser.wait_started(5)
+    browser.close()
+    with pytest.raises(DiscoveryError, match="zeroconf"):
+        browser.check()
+    assert not browser.links
+
+
+def test_browsing_needs_an_ip_version():
+    with pytest.raises(ValueError):
+        Browser(ipv6=False, ipv4=False)
+
+
+# --------------------------------------------------------------------------
+# Our server's announcement, found on a real (namespaced) link.
+
+def test_finds_the_port_and_a_link_local_address_scoped_to_the_interface(lab):
+    server, client, address = one_link(lab)
+    browser = lab.browser(client)
+    assert browser.events[0]["links"] == ["eth0/6"]
+    lab.announcer(server, port=40123)
+    event = browser.wait_for(is_found(), 10, "the server")
+    assert event == {"event": "found", "address": address, "port": 40123, "family": 6,
+                     "ifindex": client_index(browser, "eth0"), "ifname": "eth0"}
+
+
+def test_ipv4_only_announcement_is_found_over_ipv4(lab):
+    server, client, _address = one_link(lab, ipv4=True)
+    browser = lab.browser(client)
+    assert browser.events[0]["links"] == ["eth0/4", "eth0/6"]
+    lab.announcer(server, port=40124, ipv6=False)
+    event = browser.wait_for(is_found(), 10, "the server")
+    assert (event["address"], event["port"], event["family"], event["ifname"]) \
+        == ("10.77.0.1", 40124, 4, "eth0")
+    browser.collect(1.0)
+    assert len(browser.found()) == 1  # no IPv6 result: nothing was announced over IPv6
+
+
+def test_two_servers_give_two_results(lab):
+    first, second, client = lab.host("srv1"), lab.host("srv2"), lab.host("cli")
+    for namespace in (first, second, client):
+        lab.plug(namespace, "eth0", "lan")
+    addresses = {lab.link_local(first, "eth0"): 40001, lab.link_local(second, "eth0"): 40002}
+    lab.link_local(client, "eth0")
+    browser = lab.browser(client)
+    lab.announcer(first, name="Mandos", port=40001, hostname="server-1")
+    lab.announcer(second, name="Other", port=40002, hostname="server-2")
+    for address, port in addresses.items():
+        browser.wait_for(is_found(address=address, port=port), 10, f"server {address}")
+    browser.collect(0.5)
+    assert len(browser.found()) == 2
+
+
+def test_the_same_server_seen_again_is_reported_once(lab):
+    """A restarted server says goodbye and announces itself anew: one result."""
+    server, client, address = one_link(lab)
+    browser = lab.browser(client)
+    announcer = lab.announcer(server, port=40125)
+    browser.wait_for(is_found(address=address, port=40125), 10, "the server")
+    announcer.signal()
+    announcer.wait_for(lambda e: e["event"] == "stopped", 10, "stop")
+    lab.announcer(server, port=40125)
+    browser.collect(1.5)
+    assert len(browser.found()) == 1
+
+
+def test_a_server_that_announces_after_browsing_started_is_found(lab):
+    server, client, address = one_link(lab)
+    browser = lab.browser(client)
+    browser.collect(2.0)  # the browser's first queries go unanswered
+    assert not browser.found()
+    lab.announcer(server, port=40126)
+    browser.wait_for(is_found(address=address, port=40126), 10, "the late server")
+
+
+def test_interface_restriction_limits_browsing_to_that_interface(lab):
+    """Client on two links, a server on each: restricted, only one is seen."""
+    server_a, server_b, client = lab.host("srva"), lab.host("srvb"), lab.host("cli")
+    lab.plug(server_a, "eth0", "a")
+    lab.plug(server_b, "eth0", "b")
+    lab.plug(client, "eth0", "a")
+    lab.plug(client, "eth1", "b")
+    address_a, address_b = lab.link_local(server_a, "eth0"), lab.link_local(server_b, "eth0")
+    lab.link_local(client, "eth0")
+    lab.link_local(client, "eth1")
+    everywhere = lab.browser(client)
+    restricted = lab.browser(client, interfaces=["eth1"])
+    assert restricted.events[0]["links"] == ["eth1/6"]
+    lab.announcer(server_a, name="A", port=40127, hostname="server-a")
+    lab.announcer(server_b, name="B", port=40128, hostname="server-b")
+    # Each address comes with the index of the link it was seen on.
+    everywhere.wait_for(is_found(address=address_a, port=40127, ifname="eth0"), 10, "A")
+    everywhere.wait_for(is_found(address=address_b, port=40128, ifname="eth1"), 10, "B")
+    restricted.wait_for(is_found(address=address_b, port=40128, ifname="eth1"), 10, "B")
+    restricted.collect(1.0)
+    everywhere.collect(0)
+    assert len(restricted.found()) == 1
+    assert len(everywhere.found()) == 2
+
+
+def test_browsing_publishes_nothing_and_closes_cleanly(lab):
+    """On the wire the browser only ever asks; it answers nothing, not even on close."""
+    server, client, address = one_link(lab, ipv4=True)
+    observer = lab.host("obs")
+    lab.plug(observer, "eth0", "lan")
+    lab.link_local(observer, "eth0")
+    capture = lab.capture(observer, "eth0")
+    client_address = lab.link_local(client, "eth0")
+    browser = lab.browser(client)
+    lab.announcer(server, port=40129)
+    browser.wait_for(is_found(address=address), 10, "the server")
+    browser.collect(1.0)
+    browser.signal()
+    closed = browser.wait_for(lambda e: e["event"] == "closed", 5, "closing")
+    assert not closed["alive"] and closed["failed"] == "None"
+    assert "mandos-zeroconf" not in closed["threads"]
+    capture.collect(1.0)
+    packets = [e for e in capture.events if e["event"] == "packet"]
+    mine = [p for p in packets if p["source"] in (client_address, "10.77.0.2")]
+    assert any(p["questions"] for p in mine)  # it did browse, over IPv6 and IPv4
+    assert {p["family"] for p in mine} == {4, 6}
+    assert all(not p["response"] for p in mine)
+    # The only records a query may carry are known answers: the server's own.
+    server_records = {tuple(r) for p in packets if p["source"] == address
+                      for r in p["records"]}
+    assert {tuple(r) for p in mine for r in p["records"]} <= server_records
+
+
+# --------------------------------------------------------------------------
+# The original server's way of announcing: avahi-daemon.
+
+def test_service_published_by_avahi_daemon_is_found(lab):
+    if shutil.which("avahi-daemon") is None:
+        pytest.fail("avahi-daemon is not installed (Debian package avahi-daemon; "
+                    "scripts/install-deps installs it)")
+    server, client, address = one_link(lab)
+    browser = lab.browser(client)
+    avahi = lab.avahi(server, "eth0", name="Mandos", port=40130)
+    event = browser.wait_for(is_found(port=40130), 20, "the avahi-published server")
+    assert (event["address"], event["family"], event["ifname"]) == (address, 6, "eth0")
+    assert avahi.process.poll() is None, avahi.stderr
