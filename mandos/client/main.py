@@ -168,6 +168,25 @@ class SetupError(Exception):
         self.status = status
 
 
+def _original_environment() -> dict[str, str]:
+    """The environment this process started with.
+
+    The interpreter adds LC_CTYPE=C.UTF-8 to os.environ when no locale is
+    set; hooks must not inherit that.  /proc/self/environ holds the original.
+    """
+    try:
+        with open("/proc/self/environ", "rb") as file:
+            block = file.read()
+    except OSError:
+        return dict(os.environ)
+    env = {}
+    for entry in block.split(b"\0"):
+        var, eq, value = entry.partition(b"=")
+        if eq and var:
+            env.setdefault(os.fsdecode(var), os.fsdecode(value))
+    return env
+
+
 def _write_password(password: bytes) -> None:
     view = memoryview(password)
     while view:
@@ -179,47 +198,113 @@ class Client:
     """One run of mandos-client, from set-up to the end sequence."""
 
     def __init__(self, opts: cli.ClientOptions, privileges: Privileges,
-                 signals: SignalState) -> None:
+                 signals: SignalState, environ: dict[str, str] | None = None) -> None:
         self.opts = opts
         self.privileges = privileges
         self.signals = signals
         self.credentials = None
         self.decryptor = None
+        self.interfaces = None
+        self.used_interfaces: list[str] = []
+        self.device = ""
         self.ifindex = 0
+        # The environment as started, for hooks (see _original_environment).
+        self.environ = environ if environ is not None else dict(os.environ)
 
     def run(self) -> int:
         """Steps 3-15 of the run sequence; returns the exit status."""
         _fix_key_ownership(self.opts, self.privileges)
         # First, so that the OpenPGP work overlaps with everything else.
         self._start_openpgp()
-        self.ifindex = self._choose_interface()
-        if self.opts.connect is None:
-            raise SetupError(os.EX_UNAVAILABLE,
-                             "Zeroconf discovery is not available in this version; "
-                             "use --connect ADDRESS:PORT")
-        from mandos.client.servers import parse_connect
-        server = parse_connect(self.opts.connect, self.ifindex)
-        self.credentials = _load_credentials(self.opts)
-        return self._direct_mode(server)
-
-    def _choose_interface(self) -> int:
-        """Resolve --interface; return the scope index when exactly one is used."""
-        import socket
-        names = []
-        for name in self.opts.interfaces:
-            if not name:
-                continue
-            if name != "none":
-                try:
-                    socket.if_nametoindex(name)
-                except OSError:
-                    log.warning("Not using nonexisting interface %r", name)
-                    continue
-            names.append(name)
-        used = [name for name in names if name != "none"]
+        connect_mode = self.opts.connect is not None
+        from mandos import netif
+        interfaces = netif.clean_interface_list(self.opts.interfaces)
+        self.device = ",".join(interfaces)
+        self._run_hooks("start")
+        self.signals.check()
+        if not interfaces:
+            interfaces = netif.choose_automatically(connect_mode)
+            if not interfaces:
+                log.error("Could not find a network interface")
+                return 1
+        self.interfaces = netif.InterfaceManager(self.privileges)
+        used = self.interfaces.bring_up(interfaces, self.opts.delay)
+        self.signals.check()
+        self.used_interfaces = used
         if len(used) == 1:
-            return socket.if_nametoindex(used[0])
+            self.ifindex = self.interfaces.index_of(used[0])
+        self.credentials = _load_credentials(self.opts)
+        if connect_mode:
+            from mandos.client.servers import parse_connect
+            server = parse_connect(self.opts.connect, self.ifindex)
+            if server.is_link_local() and self.ifindex:
+                # Connecting from a tentative address fails; the original
+                # then waits a whole --retry.  Wait for the address instead.
+                self.interfaces.wait_link_local(self.ifindex, max(self.opts.delay, 5.0))
+            return self._direct_mode(server)
+        return self._zeroconf_mode(used)
+
+    def _run_hooks(self, mode: str) -> None:
+        from mandos import hooks
+        hooks.run_hooks(self.opts.network_hook_dir, mode, device=self.device,
+                        debug=self.opts.debug, delay=self.opts.delay,
+                        connect=self.opts.connect, environ=self.environ)
+
+    def _zeroconf_mode(self, used: list[str]) -> int:
+        """Browse for servers and try each one found until one answers."""
+        from mandos import discovery
+        from mandos.client import zeroconf_mode
+        for name in used:
+            # mDNS needs a usable (not tentative) link-local source address.
+            self.interfaces.wait_link_local(self.interfaces.index_of(name),
+                                            max(self.opts.delay, 5.0))
+        self.signals.check()
+        with zeroconf_mode.AttemptScheduler(self._fetch, self.opts.retry,
+                                            finish=self._decrypt) as scheduler, \
+                discovery.Browser(scheduler.add, interfaces=used or None) as browser:
+            def stop() -> bool:
+                browser.check()
+                return bool(self.signals.received)
+            password = scheduler.run(stop)
+        self.signals.check()
+        if password is None:
+            return os.EX_UNAVAILABLE
+        try:
+            _write_password(password)
+        except OSError as err:
+            log.error("Could not write the password: %s", err.strerror)
+            return os.EX_IOERR
+        finally:
+            del password
+        log.debug("Password written")
         return 0
+
+    def _fetch(self, server) -> bytes | None:
+        """One concurrent Zeroconf-mode attempt: the encrypted secret, or None."""
+        from mandos.client import attempt, route, zeroconf_mode
+        log.debug("Connecting to %s", server)
+        try:
+            with route.connect_with_route(
+                    attempt.connect, server, connect_mode=False, debug=self.opts.debug,
+                    privileges=self.privileges,
+                    should_stop=lambda: bool(self.signals.received)) as sock, \
+                    zeroconf_mode.track(sock):
+                return attempt.fetch_secret(
+                    sock, self.credentials, self.opts.priority,
+                    should_abort=lambda: bool(self.signals.received)
+                    or zeroconf_mode.abandoned())
+        except attempt.AttemptFailed as err:
+            log.info("Attempt at %s failed: %s", server, err)
+            return None
+
+    def _decrypt(self, encrypted: bytes) -> bytes | None:
+        """Decrypt what a server sent (one at a time: one OpenPGP process)."""
+        from mandos.client.decryptor import DecryptorError
+        log.debug("Received %d bytes; decrypting", len(encrypted))
+        try:
+            return self.decryptor.decrypt(encrypted)
+        except DecryptorError as err:
+            raise SetupError(err.status, str(err)) from None
 
     def _start_openpgp(self) -> None:
         """Fork the OpenPGP process: it imports the keys while we connect."""
@@ -271,10 +356,18 @@ class Client:
             raise SetupError(err.status, str(err)) from None
 
     def end(self) -> None:
-        """The end sequence: release, drop root for good, remove the GnuPG home."""
+        """The end sequence (CLIENT.md §2.15): stop hooks, interfaces down,
+        drop root for good, remove the GnuPG home."""
         if self.credentials is not None:
             self.credentials.close()
             self.credentials = None
+        if self.privileges.raise_():
+            try:
+                self._run_hooks("stop")
+                if self.interfaces is not None:
+                    self.interfaces.take_down()
+            finally:
+                self.privileges.lower()
         self.privileges.drop_permanently()
         if self.decryptor is not None:
             # The OpenPGP process removes the GnuPG home before it exits.
@@ -291,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     client = None
     status = os.EX_OSERR
     try:
+        # Before the user IDs change: the kernel then hides /proc/self/environ.
+        environ = _original_environment()
         privileges = Privileges()
         try:
             opts = cli.parse(argv)
@@ -311,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             except UsageError as err:
                 log.error("%s", err)
                 return os.EX_USAGE
-        client = Client(opts, privileges, signals)
+        client = Client(opts, privileges, signals, environ)
         status = client.run()
     except Terminated:
         log.debug("Exiting because of a signal")
