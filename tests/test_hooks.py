@@ -881,8 +881,10 @@ def test_wireguard_hook_command_sequence(hookdir, netns, public_tmp):
     hook = install_example(hookdir, "wireguard",
                            WIREGUARD_CONF + 'ROUTES="198.51.100.0/24 2001:db8:77::/48"\n'
                            + "MTU=1380\n")
-    prefix = (*in_netns(netns), *with_standins(public_tmp, {"wg": FAKE_WG},
-                                               bind={"ip": "/usr/bin/ip"}))
+    bind = {"ip": "/usr/bin/ip"}
+    if os.path.exists("/usr/bin/wg"):  # the hook prefers the installed wg
+        bind["wg"] = "/usr/bin/wg"
+    prefix = (*in_netns(netns), *with_standins(public_tmp, {"wg": FAKE_WG}, bind=bind))
     env = hook_env(hookdir, "start", STANDIN_LOG=str(log))
     result = subprocess.run([*prefix, str(hook)], env=env, capture_output=True, text=True,
                             timeout=RUN_TIMEOUT)
