@@ -243,6 +243,35 @@ def _read_proc_file(pid: str, name: str) -> bytes:
         return f.read()
 
 
+def _remove_tree(path: str) -> None:
+    """Remove a directory tree without following symbolic links."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        _empty_directory(fd)
+    finally:
+        os.close(fd)
+    os.rmdir(path)
+
+
+def _empty_directory(dir_fd: int) -> None:
+    with os.scandir(dir_fd) as entries:
+        names = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+    for name, is_dir in names:
+        try:
+            if is_dir:
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                             dir_fd=dir_fd)
+                try:
+                    _empty_directory(fd)
+                finally:
+                    os.close(fd)
+                os.rmdir(name, dir_fd=dir_fd)
+            else:
+                os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass  # gone meanwhile (gpg-agent removing its sockets)
+
+
 def make_private_directory(base: str, prefix: str) -> str:
     """Create ``<base>/<prefix>XXXXXXXX`` with mode 0700 and return its path.
 
@@ -308,11 +337,6 @@ class GnuPGHome:
 
     def __init__(self, base: Optional[StrPath] = None, *, gpg_binary: str = "gpg",
                  gpgconf_binary: str = "gpgconf") -> None:
-        # Imported here to keep importing this module cheap; close() needs
-        # shutil and subprocess, loaded now so that a signal handler calling
-        # close() never has to load a module.
-        import shutil  # noqa: F401
-        import subprocess  # noqa: F401
 
         base = os.fspath(base) if base is not None else default_base()
         self.gpg_binary = gpg_binary
@@ -552,17 +576,16 @@ class GnuPGHome:
         """Start this home's gpg-agent now, in the background.
 
         gpg would start it on the first secret-key operation and wait for
-        it; launching it early lets its start overlap with other work.  The
-        launcher (``gpgconf --launch``) is reaped in ``close()`` or by
-        ``import_keys``.
+        it; launching it early lets its start overlap with other work.
+        ``gpg-agent --daemon`` returns once its socket exists; that process
+        is reaped in ``close()`` or by ``import_keys``.
         """
         try:
             null = os.open(os.devnull, os.O_RDWR)
             try:
                 actions = [(os.POSIX_SPAWN_DUP2, null, fd) for fd in (0, 1, 2)]
                 self._launcher = os.posix_spawnp(
-                    self.gpgconf_binary,
-                    [self.gpgconf_binary, "--homedir", self.path, "--launch", "gpg-agent"],
+                    "gpg-agent", ["gpg-agent", "--homedir", self.path, "--daemon"],
                     os.environ, file_actions=actions)
             finally:
                 os.close(null)
@@ -587,28 +610,19 @@ class GnuPGHome:
             logger.debug("gpgconf %s failed: %s", " ".join(args), e)
 
     def _remove_home(self) -> None:
-        # rmtree here works on directory file descriptors and never follows
-        # symbolic links (avoids_symlink_attacks), so a link planted in the
-        # home cannot make us delete anything outside it.  It covers the rule
-        # of CLIENT.md §2.13 (private-keys-v1.d emptied, then removed) and any
-        # other directory gpg creates (openpgp-revocs.d on key generation).
-        from shutil import rmtree
-
-        if not rmtree.avoids_symlink_attacks:  # pragma: no cover
-            logger.warning("rmtree may follow symlinks on this platform")
-
-        def on_error(function: object, path: str, exc: object) -> None:
-            if isinstance(exc, tuple):
-                exc = exc[1]
-            if isinstance(exc, FileNotFoundError):
-                return  # missing entries are not errors
-            logger.warning("cannot remove %s: %s", path, exc)
-
-        if sys.version_info >= (3, 12):
-            rmtree(self.path, onexc=on_error)
-        else:
-            rmtree(self.path, onerror=on_error)
-
+        # Entries are removed through directory file descriptors and never
+        # through symbolic links, so a link planted in the home cannot make
+        # us delete anything outside it.  This covers the rule of CLIENT.md
+        # §2.13 (private-keys-v1.d emptied, then removed) and any other
+        # directory gpg creates (openpgp-revocs.d on key generation).
+        # (shutil.rmtree would do, but importing shutil costs milliseconds
+        # at every boot.)
+        try:
+            _remove_tree(self.path)
+        except FileNotFoundError:
+            pass  # missing entries are not errors
+        except OSError as err:
+            logger.warning("cannot remove %s: %s", self.path, err)
 
 def key_parameters(name: str, email: str = "", comment: str = "", key_type: str = "RSA",
                    key_length: int = 4096, subkey_type: str = "RSA", subkey_length: int = 4096,
