@@ -15,7 +15,8 @@ from plugin_runner.options import (HelpRequested, Settings, UsageError, parse,
                                    read_config_tokens, warn)
 from plugin_runner.privileges import drop
 from plugin_runner.scan import scan
-from plugin_runner.supervise import Supervisor, inherited_environment, write_all
+from mandos.process import original_environment
+from plugin_runner.supervise import Supervisor, write_all
 
 TERMINATING_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
 
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if status == 0:
             _debug_dump(settings, debug)
-            inherited_env = inherited_environment()
+            inherited_env = original_environment()
             privileges = drop(settings.uid, settings.gid, warn)
             supervisor = Supervisor(settings, privileges, signals.wakeup_fd, debug,
                                     inherited_env, signals.ignored)

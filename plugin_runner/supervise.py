@@ -34,28 +34,6 @@ _RESET_IN_CHILD = (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGCHLD,
                    _signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
 
 
-def inherited_environment() -> dict[str, str]:
-    """The environment this process was started with.
-
-    os.environ is not quite that: at start-up the interpreter adds
-    LC_CTYPE=C.UTF-8 when no locale is set (PEP 538 locale coercion), which
-    must not leak into plugins.  The kernel's copy in /proc/self/environ is
-    the original.  Read it before dropping privileges: the kernel hides it
-    from a process whose user IDs changed.
-    """
-    try:
-        with open("/proc/self/environ", "rb") as file:
-            block = file.read()
-    except OSError:
-        return dict(os.environ)
-    env = {}
-    for entry in block.split(b"\0"):
-        var, eq, value = entry.partition(b"=")
-        if eq and var:
-            env.setdefault(os.fsdecode(var), os.fsdecode(value))
-    return env
-
-
 class Plugin:
     """A started plugin process and what it has written so far."""
 

@@ -16,6 +16,7 @@ import time
 from mandos.client import options as cli
 from mandos.client.privileges import Privileges
 from mandos.cmdline import UsageError
+from mandos.process import original_environment
 from mandos import lazylog
 
 log = lazylog.get_logger("mandos.client")
@@ -168,25 +169,6 @@ class SetupError(Exception):
         self.status = status
 
 
-def _original_environment() -> dict[str, str]:
-    """The environment this process started with.
-
-    The interpreter adds LC_CTYPE=C.UTF-8 to os.environ when no locale is
-    set; hooks must not inherit that.  /proc/self/environ holds the original.
-    """
-    try:
-        with open("/proc/self/environ", "rb") as file:
-            block = file.read()
-    except OSError:
-        return dict(os.environ)
-    env = {}
-    for entry in block.split(b"\0"):
-        var, eq, value = entry.partition(b"=")
-        if eq and var:
-            env.setdefault(os.fsdecode(var), os.fsdecode(value))
-    return env
-
-
 def _write_password(password: bytes) -> None:
     view = memoryview(password)
     while view:
@@ -208,7 +190,7 @@ class Client:
         self.used_interfaces: list[str] = []
         self.device = ""
         self.ifindex = 0
-        # The environment as started, for hooks (see _original_environment).
+        # The environment as started, for hooks (see original_environment).
         self.environ = environ if environ is not None else dict(os.environ)
 
     def run(self) -> int:
@@ -385,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     status = os.EX_OSERR
     try:
         # Before the user IDs change: the kernel then hides /proc/self/environ.
-        environ = _original_environment()
+        environ = original_environment()
         privileges = Privileges()
         try:
             opts = cli.parse(argv)

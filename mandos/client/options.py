@@ -142,8 +142,5 @@ def parse(argv: list[str]) -> ClientOptions:
 
 def program_name() -> str:
     """The name used in messages: the plugin file's base name."""
-    import sys
-    if not sys.argv or not sys.argv[0]:
-        return PROGRAM
-    # Started by plugin-runner through /dev/fd/N: name the file itself.
-    return os.path.basename(os.path.realpath(sys.argv[0])) or PROGRAM
+    from mandos import process
+    return process.program_name(PROGRAM)

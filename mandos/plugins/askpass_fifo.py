@@ -18,6 +18,8 @@ import errno
 import os
 import sys
 
+from mandos import process
+
 # Fixed on purpose.  The program may run with effective UID 0, so a path the
 # caller could choose would let anyone able to start it create root-owned
 # FIFOs anywhere.
@@ -35,17 +37,8 @@ class PluginError(Exception):
 
 
 def program_name() -> str:
-    """Base name of the program file, for message prefixes.
-
-    plugin-runner may start a script by file descriptor, and then the
-    interpreter sees /dev/fd/N as the script name; the name of the file it
-    points to is more useful.
-    """
-    arg0 = sys.argv[0] if sys.argv and sys.argv[0] else "askpass-fifo"
-    if arg0.startswith(("/dev/fd/", "/proc/self/fd/")):
-        arg0 = os.path.realpath(arg0)
-    return os.path.basename(arg0)
-
+    """Base name of the program file, for message prefixes."""
+    return process.program_name("askpass-fifo")
 
 def _report(what: str, err: OSError) -> None:
     """Print *err* on standard error with the plugin prefix."""

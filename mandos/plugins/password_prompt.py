@@ -19,7 +19,7 @@ import signal
 import sys
 import termios
 
-from mandos import __version__
+from mandos import __version__, process
 
 PLYMOUTH_PID_FILE = "/run/plymouth/pid"
 PLYMOUTH_DAEMON = "plymouthd"
@@ -83,17 +83,8 @@ class _Interrupted(Exception):
 
 
 def program_name() -> str:
-    """Base name of the program file, for message prefixes.
-
-    plugin-runner may start a script by file descriptor, and then the
-    interpreter sees /dev/fd/N as the script name; the name of the file it
-    points to is more useful.
-    """
-    arg0 = sys.argv[0] if sys.argv and sys.argv[0] else "password-prompt"
-    if arg0.startswith(("/dev/fd/", "/proc/self/fd/")):
-        arg0 = os.path.realpath(arg0)
-    return os.path.basename(arg0)
-
+    """Base name of the program file, for message prefixes."""
+    return process.program_name("password-prompt")
 
 def _write_stderr(text: str | bytes) -> None:
     data = os.fsencode(text) if isinstance(text, str) else text
