@@ -27,15 +27,15 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
 CHUNK_SIZE = 1024
 
 # name -> takes an argument
-LONG_OPTIONS = {
-    "prompt": True,
-    "prefix": True,
-    "debug": False,
-    "help": False,
-    "usage": False,
-    "version": False,
-}
-SHORT_OPTIONS = {"p": "prefix", "?": "help", "V": "version"}
+# (long name, short letter, takes an argument)
+OPTIONS = (
+    ("prompt", None, True),
+    ("prefix", "p", True),
+    ("debug", None, False),
+    ("help", "?", False),
+    ("usage", None, False),
+    ("version", "V", False),
+)
 
 HELP_TEXT = """\
 Usage: {prog} [OPTION...]
@@ -116,19 +116,6 @@ def _print_and_exit(text: str) -> ExitNow:
     return ExitNow(os.EX_USAGE)
 
 
-def _match_long(name: str) -> str:
-    """Resolve a possibly shortened long option name."""
-    if name in LONG_OPTIONS:
-        return name
-    candidates = [option for option in LONG_OPTIONS if option.startswith(name)]
-    if len(candidates) == 1:
-        return candidates[0]
-    if candidates:
-        listed = " ".join(f"'--{option}'" for option in sorted(candidates))
-        raise _usage_error(f"option '--{name}' is ambiguous; possibilities: {listed}")
-    raise _usage_error(f"unrecognized option '--{name}'")
-
-
 def _apply(options: Options, name: str, value: str | None) -> None:
     prog = program_name()
     if name == "prefix":
@@ -153,52 +140,15 @@ def parse_args(argv: list[str]) -> Options:
     the options.  Help, usage and version print on standard output and raise
     ExitNow(EX_USAGE); so does any error (message on standard error).
     """
+    from mandos.cmdline import UsageError, tokens
     options = Options()
-    operands: list[str] = []
-    index = 0
-    while index < len(argv):
-        arg = argv[index]
-        index += 1
-        if arg == "--":
-            operands.extend(argv[index:])
-            break
-        if arg.startswith("--"):
-            name, has_value, value = arg[2:].partition("=")
-            name = _match_long(name)
-            if LONG_OPTIONS[name]:
-                if not has_value:
-                    if index >= len(argv):
-                        raise _usage_error(f"option '--{name}' requires an argument")
-                    value = argv[index]
-                    index += 1
-                _apply(options, name, value)
-            else:
-                if has_value:
-                    raise _usage_error(f"option '--{name}' doesn't allow an argument")
-                _apply(options, name, None)
-        elif arg.startswith("-") and arg != "-":
-            position = 1
-            while position < len(arg):
-                letter = arg[position]
-                position += 1
-                name = SHORT_OPTIONS.get(letter)
-                if name is None:
-                    raise _usage_error(f"invalid option -- '{letter}'")
-                if LONG_OPTIONS[name]:
-                    if position < len(arg):
-                        value = arg[position:]
-                    elif index < len(argv):
-                        value = argv[index]
-                        index += 1
-                    else:
-                        raise _usage_error(f"option requires an argument -- '{letter}'")
-                    _apply(options, name, value)
-                    break
-                _apply(options, name, None)
-        else:
-            operands.append(arg)
-    if operands:
-        raise _usage_error("too many arguments")
+    try:
+        for name, value in tokens(argv, OPTIONS):
+            if name is None:
+                raise UsageError("too many arguments")
+            _apply(options, name, value)
+    except UsageError as err:
+        raise _usage_error(str(err)) from None
     return options
 
 
