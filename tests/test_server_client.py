@@ -812,10 +812,11 @@ def test_disable_during_the_wait_rejects_promptly():
     run(scenario)
 
 
-def test_no_secret_after_the_wait_runs_out_on_a_disabled_client():
+def test_no_secret_after_the_wait_runs_out_on_a_disabled_client(monkeypatch):
     async def scenario():
         client, recorder = make_client(approval_delay=ms(150), approved_by_default=True)
-        client._wake_waiters = lambda *args: None  # a disable that wakes nobody, as the original's
+        # a disable that wakes nobody, as the original's
+        monkeypatch.setattr(Client, "_wake_waiters", lambda *args: None)
         task = await ask(client)
         client.disable()
         assert await asyncio.wait_for(task, 1) is False

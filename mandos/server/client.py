@@ -69,6 +69,17 @@ class Client:
                 "last_enabled", "expires", "last_checked_ok", "last_checker_status",
                 "last_approval_request", "approvals_pending", "checker_running", "secret")
 
+    # A server may have thousands of clients: no per-instance __dict__.
+    __slots__ = ("name", "key_id", "fingerprint", "secret", "host", "checker_command",
+                 "timeout", "extended_timeout", "interval", "approval_delay",
+                 "approval_duration", "approved_by_default", "enabled", "_now",
+                 "created", "last_enabled", "expires", "last_checked_ok",
+                 "last_checker_status", "last_checker_signal", "last_approval_request",
+                 "approved", "approvals_pending", "current_checker_command",
+                 "observers", "_run_checker", "_checker_task", "_checker_timer",
+                 "_disable_timer", "_approval_reset", "_waiters",
+                 "extra_checker_attributes")
+
     def __init__(self, config: ClientConfig, checker_runner: Callable,
                  now: Callable[[], datetime.datetime] = utcnow) -> None:
         self.name = config.name
