@@ -98,10 +98,12 @@ class _LinkBrowser:
         from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
 
         if self.link.socket_address is None:
-            raise OSError(f"no address that belongs to {self.link.name} alone")
+            raise OSError(f"no usable address on {self.link.name}")
         version = IPVersion.V6Only if self.family == socket.AF_INET6 else IPVersion.V4Only
-        self.zeroconf = AsyncZeroconf(interfaces=[self.link.socket_address],
-                                      ip_version=version)
+        from mandos.server.announce import mdns_interface
+        self.zeroconf = AsyncZeroconf(
+            interfaces=[mdns_interface(self.link, self.family == socket.AF_INET6)],
+            ip_version=version)
         engine = self.zeroconf.zeroconf.engine
         # zeroconf opened its sockets just now and starts reading them only
         # when this coroutine next yields: tie them to the link first, so

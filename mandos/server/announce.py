@@ -101,8 +101,11 @@ class Link:
     index: int
     name: str
     addresses: tuple[str, ...]  # what is published; IPv6 link-local first
-    # An address of this interface and of no other one: the responder's
-    # sockets are opened on it, which names the interface unambiguously.
+    # A usable address of the link (None: not usable yet).  IPv6 sockets
+    # are opened by interface index (see mdns_interface), so an address
+    # shared with another interface (a bridge and its port share their
+    # link-local address) is fine; an IPv4 address names the interface and
+    # must belong to it alone.
     socket_address: str | None
 
 
@@ -195,9 +198,20 @@ def find_links(use_ipv6: bool = True, interface: str | None = None) -> dict[int,
         if not _usable_interface(name):
             continue
         addresses = tuple(address for _rank, address in sorted(ranked))
-        unique = [address for address in addresses if owners[address] == {index}]
-        links[index] = Link(index, name, addresses, unique[0] if unique else None)
+        if use_ipv6:
+            socket_address = addresses[0] if addresses else None
+        else:
+            unique = [address for address in addresses if owners[address] == {index}]
+            socket_address = unique[0] if unique else None
+        links[index] = Link(index, name, addresses, socket_address)
     return links
+
+
+def mdns_interface(link: Link, ipv6: bool):
+    """How to name ``link`` to zeroconf: by interface index for IPv6 (so an
+    address shared with another interface is no problem), by address for
+    IPv4."""
+    return link.index if ipv6 else link.socket_address
 
 
 def _host_name() -> str:
@@ -223,9 +237,9 @@ class _LinkResponder:
         from zeroconf.asyncio import AsyncZeroconf
 
         if self.link.socket_address is None:
-            raise OSError(f"no address that belongs to {self.link.name} alone")
+            raise OSError(f"no usable address on {self.link.name}")
         version = IPVersion.V6Only if self.use_ipv6 else IPVersion.V4Only
-        self.zeroconf = AsyncZeroconf(interfaces=[self.link.socket_address],
+        self.zeroconf = AsyncZeroconf(interfaces=[mdns_interface(self.link, self.use_ipv6)],
                                       ip_version=version)
         engine = self.zeroconf.zeroconf.engine
         await self.zeroconf.zeroconf.async_wait_for_start()
