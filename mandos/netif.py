@@ -349,6 +349,7 @@ class InterfaceManager:
         # Interfaces this program set UP, by index: only these are ever
         # taken down again (CLIENT.md §2.7).
         self._brought_up: list[Link] = []
+        self._sysctls: list[tuple[str, str]] = []  # (path, old value) to restore
 
     @property
     def brought_up(self) -> list[str]:
@@ -382,9 +383,44 @@ class InterfaceManager:
                 chosen.setdefault(link.index, link)
             down = [link for link in chosen.values() if not link.flags & IFF_UP]
             if down:
+                self._optimistic_dad(down)
                 self._set_state(down, up=True)
             self._wait_running(list(chosen.values()), time.monotonic() + delay, events)
         return used
+
+    def _optimistic_dad(self, targets: list[Link]) -> None:
+        """Let new link-local addresses be used while DAD runs (RFC 4429).
+
+        Only for interfaces we are about to bring up: their link-local
+        address is created then, and would otherwise be unusable for the
+        one to two seconds of duplicate address detection.  Detection still
+        happens; a duplicate is still found and dropped.  The old settings
+        are restored when the interface is taken down again.
+        """
+        with _Raised(self._privileges) as raised:
+            if not raised:
+                return
+            for link in targets:
+                for setting in ("optimistic_dad", "use_optimistic"):
+                    path = f"/proc/sys/net/ipv6/conf/{link.name}/{setting}"
+                    try:
+                        with open(path) as file:
+                            old = file.read().strip()
+                        if old == "0":
+                            with open(path, "w") as file:
+                                file.write("1")
+                            self._sysctls.append((path, old))
+                    except OSError as err:
+                        log.debug("Could not set %s: %s", path, err.strerror)
+
+    def _restore_sysctls(self) -> None:
+        for path, old in reversed(self._sysctls):
+            try:
+                with open(path, "w") as file:
+                    file.write(old)
+            except OSError as err:
+                log.debug("Could not restore %s: %s", path, err.strerror)
+        self._sysctls.clear()
 
     def _wait_running(self, waiting: list[Link], deadline: float,
                       events: _LinkEvents) -> None:
@@ -510,5 +546,9 @@ class InterfaceManager:
                 targets.append(link)
         if targets:
             self._set_state(targets, up=False)
+        if self._sysctls:
+            with _Raised(self._privileges) as raised:
+                if raised:
+                    self._restore_sysctls()
         remaining = {link.index for link in self._brought_up}
         return [link.name for link in targets if link.index not in remaining]

@@ -476,6 +476,8 @@ def test_console_log_level_failure_is_only_reported(lab, console_level_restored)
 LINK_LOCAL = """
 import threading
 manager = netif.InterfaceManager(Privileges())
+if not OPTIMISTIC:
+    manager._optimistic_dad = lambda targets: None
 manager.bring_up(['veth0'], 5.0 if AWAIT_ADDRESS else 0.2)
 index = netif.index_of('veth0')
 # The kernel adds the fe80:: address a moment after the carrier comes;
@@ -502,14 +504,18 @@ result['elapsed'] = result['end'] - start
 watcher.join()
 result['usable_at'] = usable.get('at')
 result['flags_at_end'] = [f for a, f in if_inet6('veth0') if a.startswith('fe80')]
+result['optimistic_dad'] = open('/proc/sys/net/ipv6/conf/veth0/optimistic_dad').read().strip()
+manager.take_down()
+result['optimistic_dad_after'] = open('/proc/sys/net/ipv6/conf/veth0/optimistic_dad').read().strip()
 """
 
 
-def link_local(lab: Lab, timeout: float, poll: float = 30, await_address: bool = True
-               ) -> dict:
+def link_local(lab: Lab, timeout: float, poll: float = 30, await_address: bool = True,
+               optimistic: bool = False) -> dict:
     # With a long poll interval only an address notification ends the wait
     # early, so a blind wait would show up as a failure.
     code = (f"netif.POLL_INTERVAL = {poll}\nAWAIT_ADDRESS = {await_address}\n"
+            f"OPTIMISTIC = {optimistic}\n"
             + LINK_LOCAL.replace("TIMEOUT", repr(timeout)))
     return lab.child(code)
 
@@ -525,6 +531,17 @@ def test_link_local_wait_ends_as_soon_as_duplicate_detection_is_over(lab):
     # after a fixed sleep.
     assert -0.01 <= result["end"] - result["usable_at"] < 0.2
     assert result["elapsed"] < 5.0
+
+
+def test_interfaces_brought_up_use_optimistic_dad_and_get_it_restored(lab):
+    """RFC 4429: the new link-local address may be used while DAD runs, so
+    the wait ends at once; the interface's setting is restored afterwards."""
+    lab.veth("veth0", dad=True)
+    result = link_local(lab, 10.0, optimistic=True)
+    assert result["ok"] is True
+    assert result["elapsed"] < 0.5
+    assert result["optimistic_dad"] == "1"
+    assert result["optimistic_dad_after"] == "0"
 
 
 def test_link_local_wait_returns_at_once_without_duplicate_detection(lab):
