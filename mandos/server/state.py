@@ -656,7 +656,7 @@ class StateSaver(ClientObserver, ServerObserver):
             self._handle.cancel()
             self._handle = None
         clients = self.registry.clients
-        names = list(clients)
+        names = list(clients) if self._everything else ()
         documents: dict[str, dict[str, object] | None] = {}
         for name in (*names, *self._dirty):
             client = clients.get(name)
