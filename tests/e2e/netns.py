@@ -50,6 +50,7 @@ REPO = E2E.parents[1]
 sys.path.insert(0, str(E2E.parent))
 sys.path.insert(0, str(E2E))
 import peers  # noqa: E402
+from original_server import SYSTEM_BUS_CONFIG  # noqa: E402
 from our_server import PrivateDev  # noqa: E402
 
 PYTHON = "/usr/bin/python3"  # Debian's: python3-zeroconf, python3-dbus, ...
@@ -569,27 +570,7 @@ def start_our_server(host: Host, folder: Path, clients_conf: str, *, port: int =
     return process
 
 
-BUS_CONFIG = """\
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_type="method_return"/>
-    <allow send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="signal"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-  </policy>
-</busconfig>
-"""
+BUS_CONFIG = SYSTEM_BUS_CONFIG.replace("{address}", "unix:path={socket}")
 
 AVAHI_CONF = """\
 [server]

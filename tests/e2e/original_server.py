@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -70,6 +69,30 @@ class DevLog:
                 pass
 
 
+# A dbus-daemon of type "system" that lets everyone do everything (tests only).
+SYSTEM_BUS_CONFIG = """\
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>{address}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_type="method_return"/>
+    <allow send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="signal"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+  </policy>
+</busconfig>
+"""
+
+
 class PrivateSystemBus:
     """A dbus-daemon of type "system" on a socket in ``folder``."""
 
@@ -80,27 +103,7 @@ class PrivateSystemBus:
 
     def __enter__(self) -> "PrivateSystemBus":
         config = self.folder / "bus.conf"
-        config.write_text(textwrap.dedent(f"""\
-            <!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
-             "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-            <busconfig>
-              <type>system</type>
-              <listen>{self.address}</listen>
-              <auth>EXTERNAL</auth>
-              <policy context="default">
-                <allow user="*"/>
-                <allow own="*"/>
-                <allow send_type="method_call"/>
-                <allow send_type="signal"/>
-                <allow send_type="method_return"/>
-                <allow send_type="error"/>
-                <allow receive_type="method_call"/>
-                <allow receive_type="signal"/>
-                <allow receive_type="method_return"/>
-                <allow receive_type="error"/>
-              </policy>
-            </busconfig>
-            """))
+        config.write_text(SYSTEM_BUS_CONFIG.format(address=self.address))
         self.process = subprocess.Popen(
             ["dbus-daemon", "--nofork", "--nopidfile", f"--config-file={config}",
              "--print-address"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
