@@ -343,11 +343,15 @@ class Host:
         if hostname is not None:
             unshare.append("--uts")
             steps.append(f"hostname {shlex.quote(hostname)}")
+        tmpfs = list(tmpfs)
         if binds or tmpfs:
             unshare += ["--mount", "--propagation", "private"]
             for target in tmpfs:
                 steps.append(f"mount -t tmpfs tmpfs {shlex.quote(target)}")
             for target, source in (binds or {}).items():
+                if any(target.startswith(base.rstrip("/") + "/") for base in tmpfs):
+                    # A mount point inside a fresh tmpfs has to be made first.
+                    steps.append(f"mkdir -p {shlex.quote(target)}")
                 steps.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(target)}")
         if not steps:
             return wrapper + argv

@@ -20,10 +20,10 @@ Two ways of joining hosts are used:
   would).  Used where three hosts share a link, where the server must be
   announcing before the client starts, and for IPv4.
 
-Every client run has a timeout, and runs with a private ``/tmp`` (a folder
-of the test bind-mounted over it) so that the test can see whether a
-GnuPG home was left behind; after the run, no process may be left in the
-client host (a gpg-agent would be).
+Every client run has a timeout, and runs with a private ``/run`` whose
+``/run/tmp`` is a folder of the test (clients make their GnuPG home there)
+so that the test can see whether a GnuPG home was left behind; after the
+run, no process may be left in the client host (a gpg-agent would be).
 
 Servers: our ``bin/mandos`` with Zeroconf, or the original Debian server
 (1.8.16) announcing through an avahi-daemon of the server host (with a
@@ -122,15 +122,21 @@ def switched(lab: Lab, *servers: str, client_dad: bool = True) -> tuple[list[Hos
 
 
 class ClientRun:
-    """One mandos-client run in the client host, with a private /tmp."""
+    """One mandos-client run in the client host, with a private /run/tmp.
+
+    The client makes its GnuPG home in /run/tmp when that exists; a private
+    /run with our folder as /run/tmp shows whether anything is left behind
+    (a private /tmp would also hide a checkout that lives under /tmp).
+    """
 
     def __init__(self, lab: Lab, host: Host, argv: list[str], *,
                  env: dict[str, str] | None = None, label: str = "mandos-client") -> None:
         self.lab = lab
         self.host = host
         self.tmp = lab.folder("mandos-boot-tmp-")
+        os.chmod(self.tmp, 0o1777)
         self.process: Process = host.spawn(argv, label, env=env or netns.client_env(),
-                                           binds={"/tmp": self.tmp})
+                                           tmpfs=["/run"], binds={"/run/tmp": self.tmp})
         self.status: int | None = None
 
     @property
@@ -167,7 +173,7 @@ class ClientRun:
         """Interface down again, no GnuPG home left, no process left."""
         assert self.host.exists(ifname), f"{ifname} vanished"
         assert not self.host.is_up(ifname), f"{ifname} was left up:\n{self.log()}"
-        assert list(self.tmp.iterdir()) == [], "left in /tmp: " + ", ".join(
+        assert list(self.tmp.iterdir()) == [], "left in /run/tmp: " + ", ".join(
             str(p.relative_to(self.tmp)) for p in self.tmp.rglob("*"))
         # gpg-agent ends soon after its home is removed; give it a moment.
         netns.wait_until(lambda: not self.host.pids(), 5)
