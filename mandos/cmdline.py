@@ -19,6 +19,15 @@ class UsageError(Exception):
     """A bad option or a missing option argument."""
 
 
+class HelpRequested(Exception):
+    """--help, --usage or --version: the caller prints ``text`` on standard
+    output and exits with its program's status for that."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
 def tokens(argv: list[str], options: tuple):
     """Yield ``(long name, value)`` for options and ``(None, arg)`` otherwise.
 

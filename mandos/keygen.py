@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 
-from mandos.cmdline import UsageError, tokens
+from mandos.cmdline import HelpRequested, UsageError, tokens
 from mandos.keys import TLS_PRIVKEY_NAME, TLS_PUBKEY_NAME
 
 # typing.TYPE_CHECKING without importing typing; see mandos/keys.py.
@@ -119,14 +119,6 @@ class KeygenError(Exception):
     def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
         super().__init__(message)
         self.status = status
-
-
-class HelpRequested(Exception):
-    """--help or --version: print ``text`` on standard output and exit 0."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
 
 
 class _Terminated(BaseException):

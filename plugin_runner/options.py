@@ -9,7 +9,7 @@ single-valued ones (directories, IDs) are won by the last occurrence.
 import os
 import sys
 
-from mandos.cmdline import UsageError, tokens, usage_line
+from mandos.cmdline import HelpRequested, UsageError, tokens, usage_line
 
 DEFAULT_PLUGIN_DIR = "/lib/mandos/plugins.d"
 DEFAULT_HELPER_DIR = "/lib/mandos/plugin-helpers"
@@ -18,14 +18,6 @@ DEFAULT_ID = 65534
 MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to the kernel
 
 PROGRAM = "plugin-runner"
-
-
-class HelpRequested(Exception):
-    """--help, --usage or --version: print ``text`` on stdout and exit 0."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
 
 
 class PluginRecord:

@@ -8,7 +8,7 @@ plugin-runner never takes their text for a password).
 
 import os
 
-from mandos.cmdline import UsageError, tokens, usage_line
+from mandos.cmdline import HelpRequested, UsageError, tokens, usage_line
 
 PROGRAM = "mandos-client"
 CONF_DIR = "/conf/conf.d/mandos"
@@ -38,14 +38,6 @@ OPTIONS = (
     ("usage", None, False, None, "Give a short usage message"),
     ("version", "V", False, None, "Print program version"),
 )
-
-
-class HelpRequested(Exception):
-    """--help, --usage or --version: print ``text`` on stdout, exit EX_USAGE."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
 
 
 class ClientOptions:
