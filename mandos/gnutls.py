@@ -18,16 +18,21 @@ shared by sessions running in several threads.
 
 from __future__ import annotations
 
+# Only C modules besides ctypes: the client loads this on the boot path,
+# where the Python wrappers socket, threading and enum cost milliseconds.
+import _socket
+import _thread
 import ctypes
-import enum
 import os
 import select
-import socket
 import struct
-import threading
 import time
-from collections.abc import Callable
 from mandos import lazylog
+
+# typing.TYPE_CHECKING without importing typing; see mandos/openpgp.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable
 
 __all__ = [
     "DEFAULT_PRIORITY", "MINIMUM_VERSION", "SHUT_RDWR", "SHUT_WR", "Role",
@@ -87,12 +92,12 @@ _RECORD_SIZE = 16384  # largest TLS plaintext record
 # How often a blocked call returns to Python to check should_abort() and its
 # deadline (see Session.set_transport).
 _WAKE_INTERVAL = 0.2
-_WAKE_OPTIONS = (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)
+_WAKE_OPTIONS = (_socket.SO_RCVTIMEO, _socket.SO_SNDTIMEO)
 _TIMEVAL = "@ll"  # struct timeval on Linux: tv_sec, tv_usec
 
 
-class Role(enum.IntEnum):
-    """TLS role; the value is the gnutls_init() role flag."""
+class Role:
+    """TLS roles; each value is the gnutls_init() role flag."""
 
     SERVER = _GNUTLS_SERVER  # the Mandos client: presents its raw public key
     CLIENT = _GNUTLS_CLIENT  # the Mandos server: presents nothing
@@ -179,7 +184,7 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
         (_int, [_vp, _uint, ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t)]),
 }
 
-_init_lock = threading.Lock()
+_init_lock = _thread.allocate_lock()
 _lib: ctypes.CDLL | None = None
 _free: Callable[[int], None] = _FREE_FUNC()
 # GnuTLS keeps only a raw pointer to the log callback, so the ctypes object
@@ -357,7 +362,7 @@ class CertificateCredentials:
 
     def __init__(self) -> None:
         self._lib = _library()
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._users = 0
         self._closing = False
         self._dh_params: int | None = None
@@ -507,14 +512,16 @@ class Session:
         self._lib = _library()
         self._handle: int | None = None
         self._credentials: CertificateCredentials | None = None
-        self._sock: socket.socket | None = None
+        self._sock: _socket.socket | None = None
         self._own_sock = False
         self._saved_timeouts: dict[int, bytes] = {}
         self._waking = False
         self._fd = -1
         self._handshake_timeout: float | None = None
         self._read_timeout: float | None = None
-        self.role = Role(role)
+        if role not in (Role.SERVER, Role.CLIENT):
+            raise ValueError(f"unknown TLS role {role!r}")
+        self.role = role
         # NO_TICKETS: no session resumption on either end, as the original.
         # NO_SIGNAL: a peer closing mid-send gives EPIPE, never SIGPIPE.
         flags = (self.role | _GNUTLS_ENABLE_RAWPK | _GNUTLS_NO_TICKETS
@@ -530,7 +537,7 @@ class Session:
             _check(self._lib, "gnutls_credentials_set",
                    self._lib.gnutls_credentials_set(
                        self._handle, _GNUTLS_CRD_CERTIFICATE, cred_handle))
-            if self.role is Role.SERVER:
+            if self.role == Role.SERVER:
                 self._lib.gnutls_certificate_server_set_request(
                     self._handle, _GNUTLS_CERT_IGNORE)
             # Role.CLIENT: no gnutls_session_set_verify_cert(), so GnuTLS does
@@ -559,7 +566,7 @@ class Session:
             raise ValueError("TLS session is closed")
         return self._handle
 
-    def set_transport(self, sock: socket.socket | int) -> None:
+    def set_transport(self, sock: _socket.socket | int) -> None:
         """Run the session over *sock* (a socket or a file descriptor).
 
         The socket stays the caller's to close (a descriptor is duplicated
@@ -577,14 +584,14 @@ class Session:
         session = self._live()
         self._restore_socket()
         if isinstance(sock, int):
-            self._sock = socket.socket(fileno=os.dup(sock))
+            self._sock = _socket.socket(fileno=os.dup(sock))
             self._own_sock = True
         else:
             self._sock, self._own_sock = sock, False
         self._fd = self._sock.fileno()
         for option in _WAKE_OPTIONS:
             self._saved_timeouts[option] = self._sock.getsockopt(
-                socket.SOL_SOCKET, option, struct.calcsize(_TIMEVAL))
+                _socket.SOL_SOCKET, option, struct.calcsize(_TIMEVAL))
         self._lib.gnutls_transport_set_int2(session, self._fd, self._fd)
 
     def _wake_up_now_and_then(self, wake: bool) -> None:
@@ -595,7 +602,7 @@ class Session:
         try:
             for option in _WAKE_OPTIONS:
                 self._sock.setsockopt(
-                    socket.SOL_SOCKET, option,
+                    _socket.SOL_SOCKET, option,
                     interval if wake else self._saved_timeouts[option])
         except OSError:  # closed by the caller; GnuTLS will report that
             pass

@@ -23,7 +23,7 @@ privileges (see :class:`_Raised`).
 """
 
 import os
-import socket
+import _socket  # not socket: see mandos/client/servers.py
 import time
 
 from mandos import lazylog
@@ -121,9 +121,9 @@ class _LinkEvents:
 
     def __init__(self, groups: int) -> None:
         try:
-            self._sock: socket.socket | None = socket.socket(
-                socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
-                socket.NETLINK_ROUTE)
+            self._sock: _socket.socket | None = _socket.socket(
+                _socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_NONBLOCK,
+                _socket.NETLINK_ROUTE)
         except OSError as err:
             log.debug("No netlink notifications (%s); polling instead", err.strerror)
             self._sock = None
@@ -238,7 +238,7 @@ def console_on() -> bool:
 def index_of(name: str) -> int:
     """The interface index of ``name``, or 0 if there is no such interface."""
     try:
-        return socket.if_nametoindex(name)
+        return _socket.if_nametoindex(name)
     except (OSError, ValueError):
         return 0
 
@@ -306,7 +306,7 @@ def choose_automatically(connect_mode: bool) -> list[str]:
 def _usable_link_local(ipr, ifindex: int) -> tuple[str | None, bool]:
     """(usable link-local address or None, whether duplicate detection failed)."""
     dad_failed = False
-    for msg in ipr.get_addr(family=socket.AF_INET6):
+    for msg in ipr.get_addr(family=_socket.AF_INET6):
         if msg["index"] != ifindex or msg["scope"] != RT_SCOPE_LINK:
             continue
         # IFA_FLAGS holds all 32 bits; the header field only the low 8.

@@ -6,10 +6,9 @@ OpenPGP encryption to this machine's key.  This module only speaks the
 protocol; retry policy and decryption belong to the caller.
 """
 
+import _socket  # not socket: see mandos/client/servers.py
 import errno
-import socket
 
-from mandos import gnutls
 from mandos.client.servers import ServerAddress
 from mandos import lazylog
 
@@ -22,6 +21,18 @@ HANDSHAKE_TIMEOUT = 30.0
 MAX_SECRET_SIZE = 1024 * 1024
 
 
+class Connection(_socket.socket):
+    """A TCP socket that closes at the end of a ``with`` block."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 class AttemptFailed(Exception):
     """This attempt did not produce data; try again later."""
 
@@ -30,19 +41,19 @@ class Unreachable(AttemptFailed):
     """connect() failed with "network/host unreachable" (a route may help)."""
 
 
-def connect(server: ServerAddress, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
+def connect(server: ServerAddress, timeout: float = CONNECT_TIMEOUT) -> Connection:
     """Open the TCP connection to ``server``; raises AttemptFailed."""
     try:
         # Numeric addresses only, as the original: no name look-ups, no
         # "127.1" shorthand, no empty address meaning "any".
-        socket.inet_pton(server.family, server.address)
+        _socket.inet_pton(server.family, server.address)
     except (OSError, ValueError):
         raise AttemptFailed(f"Bad address: {server.address}") from None
-    if server.family == socket.AF_INET6 and server.is_link_local() and not server.ifindex:
+    if server.family == _socket.AF_INET6 and server.is_link_local() and not server.ifindex:
         raise AttemptFailed("IPv6 link-local address is incomplete without a "
                             "network interface")
     try:
-        sock = socket.socket(server.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = Connection(server.family, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     except OSError as err:
         raise AttemptFailed(f"socket: {err.strerror}") from None
     try:
@@ -51,17 +62,17 @@ def connect(server: ServerAddress, timeout: float = CONNECT_TIMEOUT) -> socket.s
         sock.settimeout(None)
         # Small TLS flights must go out at once: with Nagle's algorithm a
         # flight can wait for the peer's delayed ACK (tens of milliseconds).
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         # A server that vanishes while we wait (its approval delay may be
         # long) must not hold us forever: let TCP keep-alive notice.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-    except (socket.gaierror, ValueError) as err:
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_KEEPIDLE, 30)
+        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_KEEPCNT, 3)
+    except (_socket.gaierror, ValueError) as err:
         sock.close()
         raise AttemptFailed(f"bad address {server.address!r}: {err}") from None
-    except socket.timeout:
+    except TimeoutError:
         sock.close()
         raise AttemptFailed(f"connecting to {server} timed out") from None
     except OSError as err:
@@ -75,23 +86,35 @@ def connect(server: ServerAddress, timeout: float = CONNECT_TIMEOUT) -> socket.s
     return sock
 
 
-def fetch_secret(sock: socket.socket, credentials: "gnutls.CertificateCredentials",
+def send_version(sock: _socket.socket) -> None:
+    """Send the protocol version line; raises AttemptFailed."""
+    try:
+        sock.sendall(PROTOCOL_VERSION_LINE)
+    except OSError as err:
+        raise AttemptFailed(f"sending the protocol version: {err.strerror}") from None
+
+
+def fetch_secret(sock: _socket.socket, credentials: "gnutls.CertificateCredentials",
                  priority: str, handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 after_handshake=None, should_abort=None) -> bytes:
+                 after_handshake=None, should_abort=None,
+                 version_sent: bool = False) -> bytes:
     """Speak the protocol over a connected socket; return the received bytes.
 
-    ``after_handshake()``, if given, is called once the TLS handshake is
-    done, while the server decides and sends.  ``should_abort()`` is asked
-    whenever a blocking TLS call is interrupted; true abandons the attempt.
+    The version line is sent first unless ``version_sent`` says the caller
+    did that (see ``send_version``).  ``after_handshake()``, if given, is
+    called once the TLS handshake is done, while the server decides and
+    sends.  ``should_abort()`` is asked whenever a blocking TLS call is
+    interrupted; true abandons the attempt.
 
     Returns the data only if the server ended the TLS stream with
     close_notify; zero bytes (the server's way of saying no) raise
     AttemptFailed, as does every TLS error.
     """
-    try:
-        sock.sendall(PROTOCOL_VERSION_LINE)
-    except OSError as err:
-        raise AttemptFailed(f"sending the protocol version: {err.strerror}") from None
+    if not version_sent:
+        send_version(sock)
+    # Imported here: connecting first lets the server start its side of
+    # the handshake while ctypes and the library load.
+    from mandos import gnutls
     try:
         with gnutls.Session(gnutls.Role.SERVER, credentials, priority) as session:
             session.set_transport(sock)

@@ -14,8 +14,8 @@ The two talk over a socket pair in frames: one type byte, a 4-byte length,
 the payload.  The plaintext crosses only this in-memory channel.
 """
 
+import _socket  # not socket: see mandos/client/servers.py
 import os
-import socket
 import struct
 
 from mandos import lazylog
@@ -36,11 +36,11 @@ class DecryptorError(Exception):
         self.status = status
 
 
-def _send(sock: socket.socket, kind: bytes, payload: bytes = b"") -> None:
+def _send(sock: _socket.socket, kind: bytes, payload: bytes = b"") -> None:
     sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
 
 
-def _receive(sock: socket.socket) -> tuple[bytes, bytes]:
+def _receive(sock: _socket.socket) -> tuple[bytes, bytes]:
     """One frame; raises EOFError when the other side closed."""
     header = _exactly(sock, _HEADER.size)
     kind, length = _HEADER.unpack(header)
@@ -49,7 +49,7 @@ def _receive(sock: socket.socket) -> tuple[bytes, bytes]:
     return kind, _exactly(sock, length)
 
 
-def _exactly(sock: socket.socket, count: int) -> bytes:
+def _exactly(sock: _socket.socket, count: int) -> bytes:
     chunks, missing = [], count
     while missing:
         chunk = sock.recv(min(missing, 65536))
@@ -64,7 +64,7 @@ class Decryptor:
     """Parent's handle on the OpenPGP child process."""
 
     def __init__(self, pubkey: str, seckey: str, privileges) -> None:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent_end, child_end = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:  # child
             parent_end.close()
@@ -75,7 +75,7 @@ class Decryptor:
                 os._exit(status)
         child_end.close()
         self.pid = pid
-        self.sock: socket.socket | None = parent_end
+        self.sock: _socket.socket | None = parent_end
         self.ready = False
 
     def wait_ready(self) -> None:
@@ -104,7 +104,7 @@ class Decryptor:
         log.warning("%s", payload.decode(errors="replace"))
         return None
 
-    def _channel(self) -> socket.socket:
+    def _channel(self) -> _socket.socket:
         if self.sock is None:
             raise DecryptorError(os.EX_OSERR, "OpenPGP process already closed")
         return self.sock
@@ -120,7 +120,7 @@ class Decryptor:
 
 
 def _wait_or_kill(pid: int, timeout: float) -> None:
-    import signal
+    import _signal
     import time
     deadline = time.monotonic() + timeout
     while True:
@@ -132,13 +132,13 @@ def _wait_or_kill(pid: int, timeout: float) -> None:
             return
         if time.monotonic() >= deadline:
             log.warning("OpenPGP process %d did not exit; killing it", pid)
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, _signal.SIGKILL)
             os.waitpid(pid, 0)
             return
         time.sleep(0.001)
 
 
-def _child_main(sock: socket.socket, pubkey: str, seckey: str, privileges) -> int:
+def _child_main(sock: _socket.socket, pubkey: str, seckey: str, privileges) -> int:
     """Import the keys, then decrypt on request until the parent closes."""
     from mandos import openpgp
 

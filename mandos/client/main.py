@@ -8,8 +8,10 @@ that signal after the end sequence, even if the password was written.
 Otherwise it keeps trying forever.
 """
 
+# _signal, not signal: the wrapper module imports enum (milliseconds at
+# every boot); the handlers need only the C module.
+import _signal
 import os
-import signal
 import sys
 import time
 
@@ -21,7 +23,7 @@ from mandos import lazylog
 
 log = lazylog.get_logger("mandos.client")
 
-TERMINATING_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
+TERMINATING_SIGNALS = (_signal.SIGINT, _signal.SIGHUP, _signal.SIGTERM)
 DEFAULT_OPENPGP_KEYS = (f"{cli.CONF_DIR}/pubkey.txt", f"{cli.CONF_DIR}/seckey.txt")
 DEFAULT_DH_PARAMS = f"{cli.CONF_DIR}/dhparams.pem"
 
@@ -38,8 +40,8 @@ class SignalState:
 
     def install(self) -> None:
         for signum in TERMINATING_SIGNALS:
-            if signal.getsignal(signum) != signal.SIG_IGN:
-                signal.signal(signum, self._handler)
+            if _signal.getsignal(signum) != _signal.SIG_IGN:
+                _signal.signal(signum, self._handler)
 
     def _handler(self, signum: int, frame) -> None:
         if self.received:
@@ -60,8 +62,8 @@ class SignalState:
     def die_if_received(self) -> None:
         """Re-raise the recorded signal with its default action."""
         if self.received:
-            signal.signal(self.received, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [self.received])
+            _signal.signal(self.received, _signal.SIG_DFL)
+            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [self.received])
             os.kill(os.getpid(), self.received)
 
 
@@ -111,20 +113,33 @@ def _fix_key_ownership(opts: cli.ClientOptions, privileges: Privileges) -> None:
                 log.debug("Could not create /dev/fd: %s", err.strerror)
 
 
-def _load_credentials(opts: cli.ClientOptions):
-    """TLS credentials from the key files; raises SetupError (EX_UNAVAILABLE)."""
-    from mandos import gnutls
+def _read_tls_key_files(opts: cli.ClientOptions) -> tuple[bytes, bytes]:
+    """The TLS key files' contents; raises SetupError (EX_UNAVAILABLE).
+
+    Missing, unreadable and empty files are found here, before any
+    connection; what the files hold is checked by _load_credentials.
+    """
     try:
         with open(opts.tls_pubkey, "rb") as file:
             public_pem = file.read()
         with open(opts.tls_privkey, "rb") as file:
             private_pem = file.read()
+    except OSError as err:
+        raise SetupError(os.EX_UNAVAILABLE, _explain_key_failure(opts, err)) from None
+    if not public_pem or not private_pem:
+        raise SetupError(os.EX_UNAVAILABLE,
+                         _explain_key_failure(opts, ValueError("empty file")))
+    return public_pem, private_pem
+
+
+def _load_credentials(opts: cli.ClientOptions, public_pem: bytes, private_pem: bytes):
+    """TLS credentials from the key files' contents; raises SetupError (EX_UNAVAILABLE)."""
+    from mandos import gnutls
+    try:
         credentials = gnutls.RawPublicKeyCredentials(public_pem, private_pem)
         matches = gnutls.key_pair_matches(public_pem, private_pem)
-    except (gnutls.GnuTLSError, OSError) as err:
+    except gnutls.GnuTLSError as err:
         raise SetupError(os.EX_UNAVAILABLE, _explain_key_failure(opts, err)) from None
-    finally:
-        private_pem = None
     if not matches:
         credentials.close()
         # The original goes on with such a pair, and every handshake fails.
@@ -185,6 +200,7 @@ class Client:
         self.privileges = privileges
         self.signals = signals
         self.credentials = None
+        self._tls_key_pems: tuple[bytes, bytes] | None = None
         self.decryptor = None
         self.interfaces = None
         self.used_interfaces: list[str] = []
@@ -215,7 +231,9 @@ class Client:
         self.used_interfaces = used
         if len(used) == 1:
             self.ifindex = self.interfaces.index_of(used[0])
-        self.credentials = _load_credentials(self.opts)
+        # Only read here: parsing the keys loads GnuTLS, which in direct
+        # mode overlaps with the server's first steps (see _try_server).
+        self._read_tls_keys()
         if connect_mode:
             from mandos.client.servers import parse_connect
             server = parse_connect(self.opts.connect, self.ifindex)
@@ -224,7 +242,20 @@ class Client:
                 # then waits a whole --retry.  Wait for the address instead.
                 self.interfaces.wait_link_local(self.ifindex, max(self.opts.delay, 5.0))
             return self._direct_mode(server)
+        self._ensure_credentials()
         return self._zeroconf_mode(used)
+
+    def _read_tls_keys(self) -> None:
+        """Read the TLS key files once; raises SetupError (exit 69)."""
+        if self.credentials is None and self._tls_key_pems is None:
+            self._tls_key_pems = _read_tls_key_files(self.opts)
+
+    def _ensure_credentials(self) -> None:
+        """Load the TLS key pair once; raises SetupError (exit 69) if it is unusable."""
+        if self.credentials is None:
+            self._read_tls_keys()
+            pems, self._tls_key_pems = self._tls_key_pems, None
+            self.credentials = _load_credentials(self.opts, *pems)
 
     def _run_hooks(self, mode: str) -> None:
         from mandos import hooks
@@ -323,10 +354,21 @@ class Client:
         try:
             try:
                 with attempt.connect(server) as sock:
+                    # The server starts its side of TLS on the version
+                    # line; GnuTLS and the key pair are loaded meanwhile
+                    # (the first time), which takes milliseconds at every
+                    # boot.  A key file that GnuTLS cannot parse therefore
+                    # ends the program after one connection is opened.
+                    attempt.send_version(sock)
+                    self._ensure_credentials()
                     encrypted = attempt.fetch_secret(
                         sock, self.credentials, self.opts.priority,
-                        should_abort=lambda: bool(self.signals.received))
+                        should_abort=lambda: bool(self.signals.received),
+                        version_sent=True)
             except attempt.AttemptFailed as err:
+                # Unusable key files end the program even while no
+                # server answers (exit 69, as the original).
+                self._ensure_credentials()
                 self.signals.check()
                 log.info("Attempt failed: %s", err)
                 self.decryptor.wait_ready()  # a failed key import ends the program

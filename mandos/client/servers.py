@@ -4,7 +4,9 @@ A *source* of servers yields :class:`ServerAddress` records: the fixed
 ``--connect`` address here; Zeroconf discovery produces the same records.
 """
 
-import socket
+# _socket, not socket: the wrapper module imports enum and selectors,
+# milliseconds at every boot before the first connection.
+import _socket
 
 from mandos.cmdline import UsageError
 
@@ -23,22 +25,22 @@ class ServerAddress:
     def is_link_local(self) -> bool:
         """fe80::/10 or 169.254.0.0/16."""
         try:
-            packed = socket.inet_pton(self.family, self.address)
+            packed = _socket.inet_pton(self.family, self.address)
         except (OSError, ValueError):
             return False
-        if self.family == socket.AF_INET6:
+        if self.family == _socket.AF_INET6:
             return packed[0] == 0xFE and packed[1] & 0xC0 == 0x80
         return packed[:2] == b"\xa9\xfe"
 
     def sockaddr(self) -> tuple:
         """The address tuple for socket.connect()."""
-        if self.family == socket.AF_INET6:
+        if self.family == _socket.AF_INET6:
             scope = self.ifindex if self.is_link_local() else 0
             return (self.address, self.port, 0, scope)
         return (self.address, self.port)
 
     def __str__(self) -> str:
-        if self.family == socket.AF_INET6:
+        if self.family == _socket.AF_INET6:
             scope = f"%{self.ifindex}" if self.ifindex and self.is_link_local() else ""
             return f"[{self.address}{scope}]:{self.port}"
         return f"{self.address}:{self.port}"
@@ -67,7 +69,7 @@ def parse_connect(text: str, ifindex: int = 0) -> ServerAddress:
     if ":" in address:
         if address.startswith("[") and address.endswith("]"):
             address = address[1:-1]
-        family = socket.AF_INET6
+        family = _socket.AF_INET6
     else:
-        family = socket.AF_INET
+        family = _socket.AF_INET
     return ServerAddress(address, int(port_text), family, ifindex)
