@@ -344,6 +344,11 @@ class GnuPGHome:
         self._owner_pid = os.getpid()
         self._gpg: Optional["gnupg.GPG"] = None
         self._closed = False
+        self._launcher = 0
+        # Process file descriptors of this home's gpg-agent (see track_agent),
+        # and whether an agent may run that is not among them.
+        self._agent_pidfds: list[int] = []
+        self._untracked_agent = False
         # Unpredictable name, exclusive creation, mode 0700, so no other
         # user can plant files in or read the imported secret key from it.
         self.path = make_private_directory(base, HOME_PREFIX)
@@ -381,6 +386,8 @@ class GnuPGHome:
             raise OpenPGPError(f"GnuPG home {self.path} is closed")
         if self._gpg is None:
             self._gpg = self._new_gpg()
+        if not self._agent_pidfds:
+            self._untracked_agent = True  # gpg starts one when it needs it
         return self._gpg
 
     # -- keys
@@ -447,6 +454,7 @@ class GnuPGHome:
         if stats.sec_read < 1 or stats.sec_imported + stats.sec_dups < 1:
             raise KeyImportError(paths[1], f"gpg imported no secret key ({stats}){detail}",
                                  stats)
+        self.track_agent()
         return stats
 
     def fingerprints(self, secret: bool = False) -> list[str]:
@@ -547,21 +555,55 @@ class GnuPGHome:
             return
         try:
             self._reap_launcher()
-            self._stop_agent()
+            self.stop_agent()
         finally:
             self._remove_home()
             self._gpg = None
             self._closed = True
 
-    def _stop_agent(self) -> None:
-        # The agent holds the imported secret key in memory: it must not
-        # outlive the home.  It is killed outright: a SIGTERM'd agent takes
-        # tens of milliseconds to wind down, and all it would clean up is
-        # its sockets, which go with the home anyway.  (Signalling it
-        # directly also saves the "gpgconf --kill" process start.)
-        pids = agent_pids(self.path)
+    def track_agent(self) -> None:
+        """Remember this home's running gpg-agent, so that stopping it is quick.
+
+        Call it when the agent is up and time is not short (the client does
+        after the key import, while it waits for the server).  The agent is
+        held by a process file descriptor: it is signalled exactly, even if
+        its PID were reused meanwhile, and without another /proc scan.
+        """
+        if self._agent_pidfds or not hasattr(os, "pidfd_open"):
+            return
+        for pid in agent_pids(self.path):
+            try:
+                self._agent_pidfds.append(os.pidfd_open(pid))
+            except OSError:
+                pass  # gone meanwhile; close() scans for agents then
+        if self._agent_pidfds:
+            # gpg uses the running agent; it starts no other one.
+            self._untracked_agent = False
+
+    def stop_agent(self) -> None:
+        """Kill this home's gpg-agent now; a later gpg run starts a new one if needed.
+
+        The agent holds the imported secret key in memory: it must not
+        outlive the home.  It is killed outright: a SIGTERM'd agent takes
+        tens of milliseconds to wind down, and all it would clean up is its
+        sockets, which go with the home anyway.  SIGKILL cannot be caught,
+        so a tracked agent is not waited for: it never runs again, and the
+        kernel frees its memory while we go on (that takes milliseconds).
+        """
         if os.path.isdir(f"/run/user/{os.getuid()}") and self._gpg is not None:
             self._gpgconf("--remove-socketdir")  # sockets live outside the home
+        pidfds, self._agent_pidfds = self._agent_pidfds, []
+        for fd in pidfds:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
+        if self._untracked_agent:
+            self._kill_agents_by_scan()
+            self._untracked_agent = False
+
+    def _kill_agents_by_scan(self) -> None:
+        """Find this home's agents in /proc, kill them and wait until they are gone."""
+        pids = agent_pids(self.path)
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
@@ -587,13 +629,14 @@ class GnuPGHome:
                 self._launcher = os.posix_spawnp(
                     "gpg-agent", ["gpg-agent", "--homedir", self.path, "--daemon"],
                     os.environ, file_actions=actions)
+                self._untracked_agent = True
             finally:
                 os.close(null)
         except OSError as err:
             logger.debug("could not launch gpg-agent early: %s", err)
 
     def _reap_launcher(self) -> None:
-        pid = getattr(self, "_launcher", 0)
+        pid = self._launcher
         if pid:
             self._launcher = 0
             with contextlib.suppress(ChildProcessError):

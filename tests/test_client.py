@@ -942,3 +942,48 @@ def test_nothing_of_the_client_remains_after_success(keyset):
     homes = re.findall(rb"created GnuPG home (\S+)", result.stderr)
     assert len(homes) == 1
     assert_cleaned_up(os.fsdecode(homes[0]), keyset.directory)
+
+
+# --- the OpenPGP process's end ------------------------------------------------------
+
+def _child_that(sleeps: float) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            time.sleep(sleeps)
+        finally:
+            os._exit(7)
+    return pid
+
+
+@pytest.mark.parametrize("pidfds", [True, False])
+def test_openpgp_process_is_reaped_when_it_exits(monkeypatch, pidfds):
+    """The parent's end sequence waits for the OpenPGP process (through a
+    process file descriptor, or by polling where the kernel has none)."""
+    from mandos.client import decryptor
+    if not pidfds:
+        def no_pidfd(pid):
+            raise OSError(38, "Function not implemented")
+        monkeypatch.setattr(decryptor.os, "pidfd_open", no_pidfd)
+    pid = _child_that(sleeps=0.1)
+    started = time.monotonic()
+    decryptor._wait_or_kill(pid, timeout=10)
+    assert time.monotonic() - started < 5
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # already reaped
+
+
+@pytest.mark.parametrize("pidfds", [True, False])
+def test_openpgp_process_that_hangs_is_killed(monkeypatch, caplog, pidfds):
+    from mandos.client import decryptor
+    if not pidfds:
+        def no_pidfd(pid):
+            raise OSError(38, "Function not implemented")
+        monkeypatch.setattr(decryptor.os, "pidfd_open", no_pidfd)
+    pid = _child_that(sleeps=60)
+    started = time.monotonic()
+    decryptor._wait_or_kill(pid, timeout=0.2)
+    assert time.monotonic() - started < 5
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    assert f"OpenPGP process {pid} did not exit" in caplog.text

@@ -51,6 +51,20 @@ def live_agents(home: str) -> list[psutil.Process]:
     return found
 
 
+def no_agent_left(home: str, timeout: float = 2.0) -> bool:
+    """True once no live gpg-agent serves ``home``.
+
+    close() kills the agent with SIGKILL and does not wait for the kernel
+    to finish tearing it down (milliseconds), so this waits a little.
+    """
+    deadline = time.monotonic() + timeout
+    while live_agents(home):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 @pytest.fixture(scope="module")
 def keyring(tmp_path_factory) -> Keyring:
     directory = tmp_path_factory.mktemp("openpgp-keys")
@@ -169,7 +183,45 @@ def test_agent_stopped_and_home_removed_after_import(keyring):
         assert live_agents(path)
         assert openpgp.agent_pids(path) == [p.pid for p in live_agents(path)]
     assert not os.path.lexists(path)
-    assert live_agents(path) == []
+    assert no_agent_left(path)
+
+
+def test_stop_agent_kills_the_tracked_agent_and_gpg_can_start_another(keyring):
+    """The client stops the agent right after decrypting; a later decryption
+    (another attempt) still works with an agent gpg starts, and close() kills
+    that one too, although it was never tracked."""
+    message = keyring.home.encrypt(b"twice", keyring.fingerprint)
+    with GnuPGHome() as home:
+        home.launch_agent()
+        home.import_keys(keyring.pubkey, keyring.seckey)
+        path = home.path
+        first = [p.pid for p in live_agents(path)]
+        assert len(first) == 1 and len(home._agent_pidfds) == 1
+        assert bytes(home.decrypt(message)) == b"twice"
+        home.stop_agent()
+        assert no_agent_left(path)
+        assert bytes(home.decrypt(message)) == b"twice"
+        second = [p.pid for p in live_agents(path)]
+        assert len(second) == 1 and second != first
+    assert not os.path.lexists(path)
+    assert no_agent_left(path)
+
+
+def test_stop_agent_signals_only_the_tracked_process(keyring, monkeypatch):
+    """The kill goes through the process file descriptor taken while the
+    agent was known to be this home's, never to a PID looked up later."""
+    sent = []
+    real = signal.pidfd_send_signal
+    monkeypatch.setattr(openpgp.signal, "pidfd_send_signal",
+                        lambda fd, sig: (sent.append(sig), real(fd, sig)))
+    kills = []
+    monkeypatch.setattr(openpgp.os, "kill", lambda pid, sig: kills.append(pid))
+    with GnuPGHome() as home:
+        home.import_keys(keyring.pubkey, keyring.seckey)
+        path = home.path
+        home.stop_agent()
+        assert sent == [signal.SIGKILL] and kills == []
+        assert no_agent_left(path)
 
 
 def test_missing_home_entries_are_not_errors(caplog):
@@ -252,7 +304,7 @@ def test_home_removed_when_owner_gets_sigterm(keyring, style):
             child.kill()
             child.wait()
     assert not os.path.lexists(path)
-    assert live_agents(path) == []
+    assert no_agent_left(path)
 
 
 # --- import ---------------------------------------------------------------------------

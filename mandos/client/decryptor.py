@@ -120,22 +120,41 @@ class Decryptor:
 
 
 def _wait_or_kill(pid: int, timeout: float) -> None:
+    """Reap the child, killing it if it has not exited within ``timeout`` seconds."""
     import _signal
-    import time
-    deadline = time.monotonic() + timeout
-    while True:
+    import select
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # already reaped, or a kernel without pidfds
+        pidfd = -1
+    if pidfd >= 0:
         try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if done:
-            return
-        if time.monotonic() >= deadline:
+            exited = bool(select.select([pidfd], [], [], timeout)[0])
+        finally:
+            os.close(pidfd)
+    else:
+        exited = _poll_exit(pid, timeout)
+    try:
+        if not exited:
             log.warning("OpenPGP process %d did not exit; killing it", pid)
             os.kill(pid, _signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return
+        os.waitpid(pid, 0)
+    except (ChildProcessError, ProcessLookupError):
+        pass
+
+
+def _poll_exit(pid: int, timeout: float) -> bool:
+    """Whether the child ``pid`` exits within ``timeout`` seconds (without reaping it)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                return True
+        except ChildProcessError:
+            return True
         time.sleep(0.001)
+    return False
 
 
 def _child_main(sock: _socket.socket, pubkey: str, seckey: str, privileges) -> int:
@@ -176,5 +195,10 @@ def _child_main(sock: _socket.socket, pubkey: str, seckey: str, privileges) -> i
             else:
                 _send(sock, PLAINTEXT, plaintext)
                 del plaintext
+                # Done with the secret key: the agent goes now, while the
+                # parent writes the password, not in its end sequence.
+                # (Should another decryption be needed, gpg starts a new
+                # agent, and close() finds it.)
+                home.stop_agent()
     finally:
         home.close()
