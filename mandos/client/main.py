@@ -18,7 +18,7 @@ import time
 from mandos.client import options as cli
 from mandos.client.privileges import Privileges
 from mandos.cmdline import UsageError
-from mandos.process import original_environment
+from mandos.process import exit_now, original_environment  # noqa: F401 - exit_now for the launcher
 from mandos import lazylog
 
 log = lazylog.get_logger("mandos.client")
@@ -446,17 +446,3 @@ def main(argv: list[str] | None = None) -> int:
         signals.die_if_received()
     return status
 
-
-def exit_now(status: int) -> None:
-    """Exit at once, skipping the interpreter's slow tear-down.
-
-    Everything that matters is done by then: the end sequence ran, and
-    standard output and error are flushed here.  At boot every millisecond
-    until plugin-runner sees this process end delays the unlock.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(status)
