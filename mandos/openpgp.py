@@ -154,12 +154,18 @@ _SAFE_GNUPG_DEBUG_TEMPLATES = frozenset({
 })
 
 
+# python-gnupg warns of every non-zero gpg exit; our callers report those
+# failures themselves, with gpg's own messages.
+_REDUNDANT_GNUPG_WARNINGS = frozenset({"gpg returned a non-zero error code: %d"})
+
+
 class GnupgLogFilter(logging.Filter):
-    """Drops python-gnupg DEBUG records that may contain key material or plaintext."""
+    """Drops python-gnupg DEBUG records that may contain key material or
+    plaintext, and its warnings that repeat what our own errors say."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.DEBUG:
-            return True
+            return record.msg not in _REDUNDANT_GNUPG_WARNINGS
         return isinstance(record.msg, str) and record.msg in _SAFE_GNUPG_DEBUG_TEMPLATES
 
 
