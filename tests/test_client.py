@@ -956,33 +956,31 @@ def _child_that(sleeps: float) -> int:
     return pid
 
 
-@pytest.mark.parametrize("pidfds", [True, False])
-def test_openpgp_process_is_reaped_when_it_exits(monkeypatch, pidfds):
-    """The parent's end sequence waits for the OpenPGP process (through a
-    process file descriptor, or by polling where the kernel has none)."""
+@pytest.fixture(params=[True, False], ids=["pidfd", "polling"])
+def decryptor_module(request, monkeypatch):
+    """mandos.client.decryptor, also as on a kernel without process file descriptors."""
     from mandos.client import decryptor
-    if not pidfds:
+    if not request.param:
         def no_pidfd(pid):
             raise OSError(38, "Function not implemented")
         monkeypatch.setattr(decryptor.os, "pidfd_open", no_pidfd)
+    return decryptor
+
+
+def test_openpgp_process_is_reaped_when_it_exits(decryptor_module):
+    """The parent's end sequence waits for the OpenPGP process."""
     pid = _child_that(sleeps=0.1)
     started = time.monotonic()
-    decryptor._wait_or_kill(pid, timeout=10)
+    decryptor_module._wait_or_kill(pid, timeout=10)
     assert time.monotonic() - started < 5
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # already reaped
 
 
-@pytest.mark.parametrize("pidfds", [True, False])
-def test_openpgp_process_that_hangs_is_killed(monkeypatch, caplog, pidfds):
-    from mandos.client import decryptor
-    if not pidfds:
-        def no_pidfd(pid):
-            raise OSError(38, "Function not implemented")
-        monkeypatch.setattr(decryptor.os, "pidfd_open", no_pidfd)
+def test_openpgp_process_that_hangs_is_killed(decryptor_module, caplog):
     pid = _child_that(sleeps=60)
     started = time.monotonic()
-    decryptor._wait_or_kill(pid, timeout=0.2)
+    decryptor_module._wait_or_kill(pid, timeout=0.2)
     assert time.monotonic() - started < 5
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
