@@ -10,24 +10,19 @@ JSON lines on stdout.  Nothing is ever sent on the real host's interfaces.
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
-import queue
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
 from mandos.discovery import Browser, DiscoveryError, _order
+from mdns_lab import Lab, Peer, one_link, require_namespaces
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = "/usr/bin/python3"  # Debian's, with python3-zeroconf
@@ -168,176 +163,10 @@ exec avahi-daemon --no-chroot --no-rlimits --file="$2"
 
 
 # --------------------------------------------------------------------------
-# Namespaces and processes.
+# Namespaces and processes: this module's programs in the lab of mdns_lab.
 
-class Peer:
-    """A process in a namespace; its stdout JSON lines become events."""
-
-    def __init__(self, argv: list[str], label: str) -> None:
-        self.label = label
-        self.events: list[dict[str, Any]] = []
-        self.stderr: list[str] = []
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._eof = False
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True,
-                                        start_new_session=True)
-        self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
-                         threading.Thread(target=self._read_stderr, daemon=True)]
-        for thread in self._threads:
-            thread.start()
-
-    def _read_stdout(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = {"event": "text", "line": line.rstrip("\n")}
-            self._queue.put(event)
-        self._queue.put(None)
-
-    def _read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.stderr.append(line.rstrip("\n"))
-
-    def _drain(self, timeout: float) -> None:
-        if self._eof:
-            time.sleep(max(timeout, 0))
-            return
-        try:
-            event = self._queue.get(timeout=max(timeout, 0.001))
-            while True:
-                if event is None:
-                    self._eof = True
-                    return
-                self.events.append(event)
-                event = self._queue.get_nowait()
-        except queue.Empty:
-            pass
-
-    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10,
-                 what: str = "event") -> dict[str, Any]:
-        """The first event (past or future) satisfying ``predicate``."""
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while True:
-            for event in self.events[seen:]:
-                if predicate(event):
-                    return event
-            seen = len(self.events)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._drain(min(remaining, 0.1))
-        raise AssertionError(f"{self.label}: no {what} within {timeout} s; "
-                             f"events: {self.events}; stderr: {self.stderr[-30:]}")
-
-    def collect(self, seconds: float) -> list[dict[str, Any]]:
-        """All events after waiting ``seconds`` more."""
-        deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
-            self._drain(min(remaining, 0.1))
-        self._drain(0)
-        return self.events
-
-    def found(self) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == "found"]
-
-    def signal(self, signum: int = signal.SIGTERM) -> None:
-        os.killpg(self.process.pid, signum)
-
-    def terminate(self) -> None:
-        """SIGTERM, then SIGKILL after a grace period; by process group id."""
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-            except ProcessLookupError:
-                pass
-        for thread in self._threads:
-            thread.join(timeout=5)
-
-
-class Lab:
-    """Network namespaces plugged into bridged segments; all deleted by close()."""
-
-    _ids = itertools.count()
-
-    def __init__(self) -> None:
-        self.prefix = f"mandos-disc-{os.getpid()}-{next(self._ids)}"
-        self.namespaces: list[str] = []
-        self.peers: list[Peer] = []
-        self.folders: list[Path] = []
-        self.hub: str | None = None
-        self._plugs = itertools.count()
-        self._segments: set[str] = set()
-
-    def run(self, *argv: str) -> str:
-        result = subprocess.run(argv, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
-        return result.stdout
-
-    def ip(self, namespace: str, *argv: str) -> str:
-        return self.run("ip", "-n", namespace, *argv)
-
-    def sysctl(self, namespace: str, setting: str) -> None:
-        self.run("ip", "netns", "exec", namespace, "sysctl", "-qw", setting)
-
-    def host(self, role: str) -> str:
-        """A new namespace with loopback up."""
-        name = f"{self.prefix}-{role}"
-        try:
-            self.run("ip", "netns", "add", name)
-        except RuntimeError as error:
-            pytest.fail(f"cannot create network namespace {name} (root and iproute2 are "
-                        f"needed for the Zeroconf tests): {error}")
-        self.namespaces.append(name)
-        self.ip(name, "link", "set", "lo", "up")
-        return name
-
-    def plug(self, namespace: str, ifname: str, segment: str) -> None:
-        """Connect ``namespace`` to ``segment`` (a bridge flooding multicast) via ``ifname``."""
-        if self.hub is None:
-            self.hub = self.host("hub")
-            self.sysctl(self.hub, "net.ipv6.conf.default.disable_ipv6=1")
-        if segment not in self._segments:
-            self.ip(self.hub, "link", "add", f"br-{segment}", "type", "bridge",
-                    "mcast_snooping", "0")
-            self.ip(self.hub, "link", "set", f"br-{segment}", "up")
-            self._segments.add(segment)
-        peer = f"p{next(self._plugs)}"
-        self.run("ip", "link", "add", ifname, "netns", namespace, "type", "veth",
-                 "peer", "name", peer, "netns", self.hub)
-        self.ip(self.hub, "link", "set", peer, "master", f"br-{segment}")
-        # No duplicate-address detection: link-local addresses usable at once.
-        self.sysctl(namespace, f"net.ipv6.conf.{ifname}.accept_dad=0")
-        self.ip(self.hub, "link", "set", peer, "up")
-        self.ip(namespace, "link", "set", ifname, "up")
-
-    def link_local(self, namespace: str, ifname: str, timeout: float = 10) -> str:
-        """The interface's link-local address, once it is usable (not tentative)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            table = self.run("ip", "netns", "exec", namespace, "cat", "/proc/net/if_inet6")
-            for line in table.splitlines():
-                fields = line.split()
-                address = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(fields[0]))
-                if (fields[5] == ifname and address.startswith("fe80:")
-                        and not int(fields[4], 16) & 0x40):
-                    return address
-            time.sleep(0.05)
-        raise AssertionError(f"{ifname} in {namespace} got no link-local address")
-
-    def spawn(self, namespace: str, argv: list[str], label: str) -> Peer:
-        peer = Peer(["ip", "netns", "exec", namespace, *argv], label)
-        self.peers.append(peer)
-        return peer
+class DiscoveryLab(Lab):
+    """The lab with the browser under test, announcers and a packet capture."""
 
     def browser(self, namespace: str, *, interfaces: list[str | int] | None = None,
                 ipv6: bool = True, ipv4: bool = True) -> Peer:
@@ -382,40 +211,13 @@ class Lab:
         peer.wait_for(lambda e: e["event"] == "ready", 10, "readiness")
         return peer
 
-    def close(self) -> None:
-        try:
-            for peer in reversed(self.peers):
-                peer.terminate()
-        finally:
-            for name in reversed(self.namespaces):
-                subprocess.run(["ip", "netns", "del", name], capture_output=True)
-            for folder in self.folders:
-                shutil.rmtree(folder, ignore_errors=True)
-
 
 @pytest.fixture
-def lab():
+def lab() -> Iterator[DiscoveryLab]:
     """A fresh set of namespaces, always deleted afterwards."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.fail("the discovery tests need root and iproute2 to create network namespaces")
-    instance = Lab()
-    try:
+    require_namespaces("the discovery tests need root and iproute2 to create network namespaces")
+    with DiscoveryLab("mandos-disc") as instance:
         yield instance
-    finally:
-        instance.close()
-
-
-def one_link(lab: Lab, *, ipv4: bool = False) -> tuple[str, str, str]:
-    """Server and client hosts on one segment: (server ns, client ns, server link-local)."""
-    server, client = lab.host("srv"), lab.host("cli")
-    lab.plug(server, "eth0", "lan")
-    lab.plug(client, "eth0", "lan")
-    if ipv4:
-        lab.ip(server, "addr", "add", "10.77.0.1/24", "dev", "eth0")
-        lab.ip(client, "addr", "add", "10.77.0.2/24", "dev", "eth0")
-    address = lab.link_local(server, "eth0")
-    lab.link_local(client, "eth0")
-    return server, client, address
 
 
 def is_found(**expected: Any) -> Callable[[dict[str, Any]], bool]:
