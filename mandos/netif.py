@@ -6,8 +6,9 @@ no ``ip`` command and no ioctl is needed at boot.
 
 Start-up time matters here: this module runs in the initramfs before the
 disk can be unlocked.  Importing pyroute2 costs over 100 ms, whichever of its
-modules is named, because its package ``__init__`` loads nearly all of it.
-It is therefore imported only inside the functions that talk netlink;
+modules is named, because its package ``__init__`` loads nearly all of it;
+the parts used here are loaded without it (see mandos.pyroute2_parts, about
+60 ms), and only inside the functions that talk netlink:
 :func:`clean_interface_list` and :func:`index_of` use the standard library
 and never load it.
 
@@ -82,14 +83,14 @@ class Link:
 
 def _iproute_class():
     """pyroute2's rtnetlink socket class, imported on first use (it is slow)."""
-    from pyroute2 import IPRoute
-    return IPRoute
+    from mandos import pyroute2_parts
+    return pyroute2_parts.load("pyroute2.iproute.linux").IPRoute
 
 
 def _netlink_errors() -> tuple:
     """The exceptions a failed pyroute2 request raises."""
-    from pyroute2.netlink.exceptions import NetlinkError
-    return (NetlinkError, OSError)
+    from mandos import pyroute2_parts
+    return (pyroute2_parts.load("pyroute2.netlink.exceptions").NetlinkError, OSError)
 
 
 def _read_links(ipr) -> dict[str, Link]:

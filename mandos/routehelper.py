@@ -181,37 +181,9 @@ def parse_args(argv: list[str]) -> Request:
 
 
 def _import_rtmsg():
-    """pyroute2's route message class, loaded as cheaply as possible.
-
-    ``import pyroute2`` runs the package's ``__init__``, which scans the
-    entry points of every installed distribution and imports the library's
-    whole API: about 130 ms, while the message class itself needs about
-    15 ms.  The package's ``__init__`` holds nothing the message code uses,
-    so an empty package module stands in for it while the submodules load,
-    and is removed again afterwards: a later ``import pyroute2`` elsewhere
-    in the process still gets the real package.  Should this ever break
-    with another pyroute2 version, the ordinary import is used.
-    """
-    if "pyroute2" not in sys.modules:
-        import importlib.machinery
-        spec = importlib.machinery.PathFinder.find_spec("pyroute2")
-        if spec is not None and spec.submodule_search_locations:
-            package = type(sys)("pyroute2")
-            package.__path__ = list(spec.submodule_search_locations)
-            package.__spec__ = spec
-            package.__file__ = spec.origin
-            sys.modules["pyroute2"] = package
-            try:
-                from pyroute2.netlink.rtnl.rtmsg import rtmsg
-                return rtmsg
-            except Exception:
-                for name in [name for name in sys.modules if name.startswith("pyroute2.")]:
-                    del sys.modules[name]
-            finally:
-                if sys.modules.get("pyroute2") is package:
-                    del sys.modules["pyroute2"]
-    from pyroute2.netlink.rtnl.rtmsg import rtmsg
-    return rtmsg
+    """pyroute2's route message class, loaded as cheaply as possible (15 ms, not 130)."""
+    from mandos import pyroute2_parts
+    return pyroute2_parts.load("pyroute2.netlink.rtnl.rtmsg").rtmsg
 
 
 def build_message(request: Request, ifindex: int, sequence: int = 1) -> bytes:

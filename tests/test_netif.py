@@ -286,6 +286,19 @@ def bring_up(lab: Lab, names: list[str], delay: float, extra: str = "") -> dict:
     return lab.child(code + extra)
 
 
+def test_bringing_up_loads_pyroute2_without_its_package_init(lab):
+    """The package's __init__ alone costs about 50 ms at every boot; a later
+    ``import pyroute2`` still gets the real package."""
+    lab.veth("veth0")
+    result = bring_up(lab, ["veth0"], 5.0,
+                      "result['init_ran'] = 'pyroute2' in sys.modules\n"
+                      "import pyroute2\n"
+                      "result['real_later'] = hasattr(pyroute2, 'IPRoute')")
+    assert result["used"] == ["veth0"]
+    assert result["init_ran"] is False
+    assert result["real_later"] is True
+
+
 def test_down_interface_with_link_is_brought_up_running_and_recorded(lab):
     lab.veth("veth0")
     assert not lab.is_up("veth0")
