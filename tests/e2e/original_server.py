@@ -129,15 +129,20 @@ def clients_conf_section(name: str, section_text: str, **overrides: str) -> str:
 
 
 class OriginalServer:
-    """The original mandos server, in the foreground, on loopback."""
+    """The original mandos server, in the foreground, on loopback.
+
+    With ``dbus``, its D-Bus interface is on the private bus at ``bus_address``.
+    """
 
     def __init__(self, folder: Path, clients_conf: str, *, port: int | None = None,
-                 ipv6: bool = True, extra_args: tuple[str, ...] = ()) -> None:
+                 ipv6: bool = True, extra_args: tuple[str, ...] = (),
+                 dbus: bool = False) -> None:
         self.folder = folder
         self.clients_conf = clients_conf
         self.ipv6 = ipv6
         self.port = port or free_port(socket.AF_INET6 if ipv6 else socket.AF_INET)
         self.extra_args = extra_args
+        self.dbus = dbus
         self.process: subprocess.Popen | None = None
         self.log_path = folder / "server.log"
         self._devlog = DevLog()
@@ -147,6 +152,10 @@ class OriginalServer:
     def address(self) -> str:
         """``ADDRESS:PORT`` for mandos-client --connect."""
         return f"[::1]:{self.port}" if self.ipv6 else f"127.0.0.1:{self.port}"
+
+    @property
+    def bus_address(self) -> str:
+        return self._bus.address
 
     def __enter__(self) -> "OriginalServer":
         config = self.folder / "config"
@@ -163,7 +172,8 @@ class OriginalServer:
         self._bus.__enter__()
         root = peers.unpacked_root()
         args = ["/usr/bin/python3", str(root / "usr/sbin/mandos"), "--foreground",
-                "--debug", "--no-dbus", "--no-zeroconf", "--port", str(self.port),
+                "--debug", *(() if self.dbus else ("--no-dbus",)), "--no-zeroconf",
+                "--port", str(self.port),
                 "--configdir", str(config), "--statedir", str(state)]
         if not self.ipv6:
             args += ["--no-ipv6", "--address", "127.0.0.1"]

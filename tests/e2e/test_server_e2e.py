@@ -264,9 +264,10 @@ def dbus_set(address: str, name: str, prop: str, signature: str, value) -> None:
                                  10))
 
 
-def mandos_ctl(address: str, *args: str) -> subprocess.CompletedProcess:
-    """The original mandos-ctl on the private bus."""
-    ctl = peers.unpacked_root() / "usr/sbin/mandos-ctl"
+def mandos_ctl(address: str, *args: str, program: Path | None = None
+               ) -> subprocess.CompletedProcess:
+    """The original mandos-ctl (or ``program``) on the private bus."""
+    ctl = program or peers.unpacked_root() / "usr/sbin/mandos-ctl"
     return subprocess.run([PYTHON, str(ctl), *args], capture_output=True, text=True,
                           timeout=30, env=dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address,
                                                LC_ALL="C.UTF-8"))
