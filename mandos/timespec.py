@@ -14,6 +14,12 @@ _DAY = datetime.timedelta(days=1)
 _DATE_UNITS = {"Y": 364 * _DAY, "M": 28 * _DAY, "D": _DAY}
 _TIME_UNITS = {"H": datetime.timedelta(hours=1), "M": datetime.timedelta(minutes=1),
                "S": datetime.timedelta(seconds=1)}
+#: The longest duration accepted anywhere.  Timeouts and intervals are
+#: added to the current time, and a date beyond the year 9999 cannot be
+#: represented: a longer duration would only fail later, in the middle of
+#: the server's work.
+MAX_DURATION = datetime.timedelta(days=1000 * 365)
+
 _LEGACY_UNITS = {"s": datetime.timedelta(seconds=1), "m": datetime.timedelta(minutes=1),
                  "h": datetime.timedelta(hours=1), "d": _DAY, "w": 7 * _DAY}
 
@@ -85,14 +91,30 @@ def parse_legacy_duration(text: str) -> datetime.timedelta:
 def parse_duration(text: str) -> datetime.timedelta:
     """A ``clients.conf`` duration: RFC 3339 first, else the older form."""
     try:
-        return parse_rfc3339_duration(text)
-    except ValueError:
-        pass
-    try:
-        return parse_legacy_duration(text)
-    except ValueError:
-        raise ValueError(f"bad duration {text!r}: expected an RFC 3339 duration such "
-                         "as PT5M or P1DT2H, or a list such as \"1w 2d 3h 4m 5s\"") from None
+        duration = parse_rfc3339_duration(text)
+    except (ValueError, OverflowError):
+        try:
+            duration = parse_legacy_duration(text)
+        except (ValueError, OverflowError):
+            raise ValueError(f"bad duration {text!r}: expected an RFC 3339 duration such "
+                             "as PT5M or P1DT2H, or a list such as \"1w 2d 3h 4m 5s\""
+                             ) from None
+    return check_duration(duration, text)
+
+
+def check_duration(duration: datetime.timedelta, text: object = None) -> datetime.timedelta:
+    """``duration`` itself, or ValueError if it exceeds MAX_DURATION."""
+    if duration > MAX_DURATION:
+        what = duration if text is None else repr(text)
+        raise ValueError(f"bad duration {what}: longer than 1000 years")
+    return duration
+
+
+def from_milliseconds(value: int) -> datetime.timedelta:
+    """A duration given in milliseconds (D-Bus); ValueError beyond MAX_DURATION."""
+    if value > milliseconds(MAX_DURATION):
+        raise ValueError(f"bad duration {value} ms: longer than 1000 years")
+    return datetime.timedelta(milliseconds=value)
 
 
 def milliseconds(duration: datetime.timedelta) -> int:

@@ -328,7 +328,7 @@ def test_booleans(value):
 
 @pytest.mark.parametrize("key", ["timeout", "extended_timeout", "interval", "approval_delay",
                                  "approval_duration"])
-@pytest.mark.parametrize("value", ["5 minutes", "1w2d", "PT1.5S", "pt5m"])
+@pytest.mark.parametrize("value", ["5 minutes", "1w2d", "PT1.5S", "pt5m", "P3000000D"])
 def test_bad_duration_is_fatal_naming_the_section(key, value):
     assert "[bad]" in fatal(f"[bad]\n{MINIMAL}{key} = {value}\n")
 

@@ -197,6 +197,13 @@ def test_durations_too_long_to_represent_are_usage_errors(capsys, text):
     assert status == 2 and f"invalid TIME {text!r}: too long" in err
 
 
+def test_durations_beyond_1000_years_are_usage_errors(capsys):
+    """The server refuses them as well; they would overflow its date arithmetic."""
+    assert durations.parse_time("P365000D") == 365000 * 86_400_000
+    status, _, err = run(capsys, "--timeout", "P365001D", "web1")
+    assert status == 2 and "invalid TIME 'P365001D': longer than 1000 years" in err
+
+
 # -- the secret ------------------------------------------------------------------------
 
 SECRET = b"\x00top secret\xff\n-----BEGIN PGP MESSAGE-----"

@@ -655,6 +655,25 @@ async def test_writing_timeout_moves_the_expiry(bus_address):
         assert not peer.client.enabled
 
 
+@pytest.mark.parametrize("prop, attribute", [
+    ("Timeout", "timeout"), ("Interval", "interval"), ("ExtendedTimeout", "extended_timeout"),
+    ("ApprovalDelay", "approval_delay"), ("ApprovalDuration", "approval_duration")])
+@run_async
+async def test_writing_a_duration_beyond_1000_years_is_refused_and_changes_nothing(
+        bus_address, prop, attribute):
+    """A timeout so long that the expiry cannot be computed used to be
+    stored before the error; now nothing changes."""
+    async with Peer(bus_address, make_client()) as peer:
+        before = getattr(peer.client, attribute)
+        expires = peer.client.expires
+        with pytest.raises(DBusError, match="longer than 1000 years") as error:
+            await peer.set(prop, Variant("t", 3_000_000 * 86_400_000))
+        assert error.value.type == "org.freedesktop.DBus.Error.InvalidArgs"
+        assert getattr(peer.client, attribute) == before
+        assert peer.client.expires == expires
+        assert peer.client.enabled
+
+
 @run_async
 async def test_writing_secret_stores_raw_bytes(bus_address):
     async with Peer(bus_address, make_client()) as peer:

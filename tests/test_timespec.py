@@ -56,3 +56,21 @@ def test_milliseconds_are_truncated():
                                                                 seconds=4)])
 def test_rfc3339_rendering_parses_back(duration):
     assert timespec.parse_rfc3339_duration(timespec.to_rfc3339(duration)) == duration
+
+
+@pytest.mark.parametrize("text", ["P365001D", "P3000000D", "52143w", "P99999999999999999999D"])
+def test_durations_longer_than_1000_years_are_refused(text):
+    """Timeouts are added to the current time; beyond the year 9999 that
+    fails, so such a value must be refused where it is read, not later."""
+    with pytest.raises(ValueError, match="bad duration"):
+        timespec.parse_duration(text)
+
+
+def test_1000_years_is_the_limit():
+    assert timespec.parse_duration("P365000D") == timespec.MAX_DURATION
+    assert timespec.from_milliseconds(timespec.milliseconds(timespec.MAX_DURATION)) \
+        == timespec.MAX_DURATION
+    with pytest.raises(ValueError, match="longer than 1000 years"):
+        timespec.from_milliseconds(timespec.milliseconds(timespec.MAX_DURATION) + 1)
+    with pytest.raises(ValueError, match="longer than 1000 years"):
+        timespec.from_milliseconds(2 ** 64 - 1)  # the largest D-Bus "t"

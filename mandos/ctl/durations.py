@@ -40,4 +40,6 @@ def parse_time(text: str) -> int:
                             for number, unit in _TOKEN.findall(text)), datetime.timedelta(0))
     except OverflowError:
         raise ValueError(f"invalid TIME {text!r}: too long") from None
+    if duration > timespec.MAX_DURATION:
+        raise ValueError(f"invalid TIME {text!r}: longer than 1000 years")
     return timespec.milliseconds(duration)

@@ -75,7 +75,7 @@ def _store(attribute: str) -> Callable[[Client, Any], None]:
 
 def _store_duration(attribute: str) -> Callable[[Client, int], None]:
     store = _store(attribute)
-    return lambda client, value: store(client, datetime.timedelta(milliseconds=value))
+    return lambda client, value: store(client, timespec.from_milliseconds(value))
 
 
 def _set_checker_running(client: Client, running: bool) -> None:
@@ -183,7 +183,7 @@ CLIENT_PROPERTIES: tuple[ClientProperty, ...] = (
     ClientProperty("Host", "s", "readwrite", get=lambda obj: obj.client.host,
                    set=_store("host"), attribute="host"),
     _duration("interval", "Interval",
-              lambda client, value: client.set_interval(datetime.timedelta(milliseconds=value))),
+              lambda client, value: client.set_interval(timespec.from_milliseconds(value))),
     _constant("KeyID", "s", lambda obj: obj.client.key_id),
     _timestamp("last_approval_request", "LastApprovalRequest"),
     # Writing anything here means "checked OK now"; mandos-ctl writes "".
@@ -198,7 +198,7 @@ CLIENT_PROPERTIES: tuple[ClientProperty, ...] = (
     ClientProperty("Secret", "ay", "write", set=lambda client, value: client.set_secret(value),
                    attribute="secret", emits="invalidates"),
     _duration("timeout", "Timeout",
-              lambda client, value: client.set_timeout(datetime.timedelta(milliseconds=value))),
+              lambda client, value: client.set_timeout(timespec.from_milliseconds(value))),
 )
 PROPERTY_BY_NAME = {prop.name: prop for prop in CLIENT_PROPERTIES}
 PROPERTY_BY_ATTRIBUTE = {prop.attribute: prop for prop in CLIENT_PROPERTIES if prop.attribute}
@@ -357,7 +357,7 @@ class ClientObject(ClientObserver):
         converted = prop.coerce(value)
         try:
             prop.set(self.client, converted)
-        except OverflowError as err:  # a duration beyond what timedelta holds
+        except (OverflowError, ValueError) as err:  # such as a duration beyond 1000 years
             raise CallError(INVALID_ARGS, f"property {name}: {err}") from None
 
     def get_all(self, interface: str) -> dict[str, Variant]:
