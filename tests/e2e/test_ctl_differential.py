@@ -259,7 +259,7 @@ def test_deviation_bad_time_is_refused_where_the_original_guesses(folder, value,
     assert (my_state["web1"]["Timeout"], my_state["web1"]["Enabled"]) == (300000, True)
 
 
-def test_deviation_long_durations_and_failed_calls(folder):
+def test_deviation_long_durations(folder):
     steps = [["-t", "P30D", "a"], ["-t", "P3000000D", "web1"]]  # the second is too long
     their_results, their_state = outcome(folder, "original", original, steps)
     my_results, my_state = outcome(folder, "ours", ours, steps)
@@ -268,10 +268,11 @@ def test_deviation_long_durations_and_failed_calls(folder):
     assert [result.returncode for result in their_results] == [1, 1]
     assert all("Traceback" in result.stderr for result in their_results)
     assert their_state["a"]["Timeout"] == 300000
-    assert statuses(my_results) == [(0, ""), (1, "")]
+    # Ours sends 30 days; more than 1000 years is refused before any call.
+    assert statuses(my_results) == [(0, ""), (2, "")]
+    assert "longer than 1000 years" in my_results[1].stderr
     assert my_state["a"]["Timeout"] == 30 * 86400000
-    assert my_results[1].stderr.startswith("Failed to access Mandos server through D-Bus:\n")
-    assert "Traceback" not in my_results[1].stderr
+    assert my_state["web1"]["Timeout"] == their_state["web1"]["Timeout"]
 
 
 def test_deviation_version(shared_bus):
@@ -372,6 +373,15 @@ def test_ours_works_with_the_original_server(folder):
         assert [dump["db-server.example"][key] for key in ("Enabled", "Interval", "Timeout",
                                                             "Host")] == [
             True, 60000, 777600000, "h"]
+        # 1000 years is a TIME ours accepts, but the original server cannot
+        # add it to the current date: a failed call, reported with the
+        # server's error (dbus-python puts the server's traceback in it)
+        # and no traceback of our own.
+        failed = ours(address, "-t", "P365000D", "web1")
+        assert failed.returncode == 1
+        assert failed.stderr.startswith("Failed to access Mandos server through D-Bus:\n")
+        assert "OverflowError" in failed.stderr
+        assert "mandos/ctl/" not in failed.stderr
         assert ours(address, "-r", "-D", "a").returncode == 0
         assert sorted(json.loads(original(address, "-j").stdout)) == ["db-server.example",
                                                                       "web1"]
