@@ -304,8 +304,13 @@ def choose_automatically(connect_mode: bool) -> list[str]:
 
 # -- bringing interfaces up and down ----------------------------------------
 
-def _usable_link_local(ipr, ifindex: int) -> tuple[str | None, bool]:
-    """(usable link-local address or None, whether duplicate detection failed)."""
+def _usable_link_local(ipr, ifindex: int, settled: bool = False
+                       ) -> tuple[str | None, bool]:
+    """(usable link-local address or None, whether duplicate detection failed).
+
+    ``settled``: only an address whose duplicate detection is over counts,
+    not an optimistic one (see InterfaceManager.wait_link_local).
+    """
     dad_failed = False
     for msg in ipr.get_addr(family=_socket.AF_INET6):
         if msg["index"] != ifindex or msg["scope"] != RT_SCOPE_LINK:
@@ -318,7 +323,7 @@ def _usable_link_local(ipr, ifindex: int) -> tuple[str | None, bool]:
             dad_failed = True
             continue
         # An optimistic address may be used while detection still runs.
-        if flags & IFA_F_TENTATIVE and not flags & IFA_F_OPTIMISTIC:
+        if flags & IFA_F_TENTATIVE and (settled or not flags & IFA_F_OPTIMISTIC):
             continue
         return msg.get_attr("IFA_ADDRESS"), dad_failed
     return None, dad_failed
@@ -491,13 +496,20 @@ class InterfaceManager:
         """Remove interface ``index`` from the take-down record."""
         self._brought_up[:] = [link for link in self._brought_up if link.index != index]
 
-    def wait_link_local(self, ifindex: int, timeout: float) -> bool:
+    def wait_link_local(self, ifindex: int, timeout: float, settled: bool = False,
+                        should_stop=None) -> bool:
         """Wait until interface ``ifindex`` has a usable IPv6 link-local address.
 
-        Usable means duplicate address detection is over (or the address is
-        optimistic): a connection from a tentative address fails, and the
-        original then waits a whole retry interval.  Returns True as soon as
-        there is one, False after ``timeout`` seconds.
+        Usable means duplicate address detection is over, or the address is
+        optimistic (RFC 4429): enough for multicast DNS.  A connection from
+        a merely tentative address fails, and the original then waits a
+        whole retry interval.  ``settled`` waits for the end of detection
+        even for an optimistic address: a neighbour cannot resolve an
+        address under detection (RFC 4862 §5.4.3 has it ignore such
+        solicitations), so a TCP connection from it stalls for one to two
+        seconds, more than the rest of the detection takes.  Returns True as
+        soon as there is one, False after ``timeout`` seconds or when
+        ``should_stop()``, asked at least every POLL_INTERVAL, is true.
         """
         deadline = time.monotonic() + timeout
         iproute = _iproute_class()
@@ -506,10 +518,11 @@ class InterfaceManager:
             ipr = iproute()
             try:
                 while True:
-                    address, dad_failed = _usable_link_local(ipr, ifindex)
+                    address, dad_failed = _usable_link_local(ipr, ifindex, settled)
                     if address is not None:
-                        log.debug("Interface %d has the link-local address %s",
-                                  ifindex, address)
+                        log.debug("Interface %d has the link-local address %s%s",
+                                  ifindex, address,
+                                  " (duplicate detection over)" if settled else "")
                         return True
                     if dad_failed and not warned:
                         log.warning("Duplicate address detection failed for the "
@@ -519,6 +532,8 @@ class InterfaceManager:
                     if remaining <= 0:
                         log.debug("Interface %d has no usable link-local address",
                                   ifindex)
+                        return False
+                    if should_stop is not None and should_stop():
                         return False
                     events.wait(min(remaining, POLL_INTERVAL))
             finally:

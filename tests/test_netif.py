@@ -511,7 +511,8 @@ start = time.monotonic()
 watcher = threading.Thread(target=watch, daemon=True)
 watcher.start()
 result['start'] = start
-result['ok'] = manager.wait_link_local(index, TIMEOUT)
+result['ok'] = manager.wait_link_local(index, TIMEOUT, settled=SETTLED,
+                                       should_stop=(lambda: True) if STOP else None)
 result['end'] = time.monotonic()
 result['elapsed'] = result['end'] - start
 watcher.join()
@@ -524,11 +525,11 @@ result['optimistic_dad_after'] = open('/proc/sys/net/ipv6/conf/veth0/optimistic_
 
 
 def link_local(lab: Lab, timeout: float, poll: float = 30, await_address: bool = True,
-               optimistic: bool = False) -> dict:
+               optimistic: bool = False, settled: bool = False, stop: bool = False) -> dict:
     # With a long poll interval only an address notification ends the wait
     # early, so a blind wait would show up as a failure.
     code = (f"netif.POLL_INTERVAL = {poll}\nAWAIT_ADDRESS = {await_address}\n"
-            f"OPTIMISTIC = {optimistic}\n"
+            f"OPTIMISTIC = {optimistic}\nSETTLED = {settled}\nSTOP = {stop}\n"
             + LINK_LOCAL.replace("TIMEOUT", repr(timeout)))
     return lab.child(code)
 
@@ -555,6 +556,25 @@ def test_interfaces_brought_up_use_optimistic_dad_and_get_it_restored(lab):
     assert result["elapsed"] < 0.5
     assert result["optimistic_dad"] == "1"
     assert result["optimistic_dad_after"] == "0"
+
+
+def test_settled_wait_ends_with_duplicate_detection_even_if_optimistic(lab):
+    """Before a connection the client waits for the end of detection: a
+    neighbour ignores solicitations for an address under detection, so a
+    connection from an optimistic address stalls (see wait_link_local)."""
+    lab.veth("veth0", dad=True)
+    result = link_local(lab, 10.0, optimistic=True, settled=True)
+    assert result["tentative_at_start"], "DAD did not run: the test proves nothing"
+    assert result["ok"] is True
+    assert result["flags_at_end"] and not any(f & 0x48 for f in result["flags_at_end"])
+    assert -0.01 <= result["end"] - result["usable_at"] < 0.2
+
+
+def test_link_local_wait_ends_when_told_to_stop(lab):
+    lab.veth("veth0", dad=True)
+    result = link_local(lab, 10.0, settled=True, stop=True, poll=0.05)
+    assert result["ok"] is False
+    assert result["elapsed"] < 1.0
 
 
 def test_link_local_wait_returns_at_once_without_duplicate_detection(lab):

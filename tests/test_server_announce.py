@@ -331,25 +331,31 @@ def test_gives_up_after_32768_renames(caplog):
 # Which interfaces and addresses are published (in a namespace).
 
 def test_only_usable_interfaces_and_addresses_are_found(lab):
-    """Up, multicast, not loopback; IPv6 not tentative; link-local first."""
+    """Up, multicast, not loopback; IPv6 not tentative unless optimistic;
+    link-local first."""
     server = lab.host("srv")
     lab.plug(server, "eth0", "lan")
     lab.plug(server, "eth1", "lan", dad=True, carrier=False)  # DAD can never finish
     lab.plug(server, "eth2", "lan", up=False)
+    lab.plug(server, "eth3", "lan", dad=True, carrier=False)  # nor here, but optimistic
+    for setting in ("optimistic_dad", "use_optimistic"):
+        lab.sysctl(server, f"net.ipv6.conf.eth3.{setting}=1")
     lab.ip(server, "addr", "add", "fd00:77::1/64", "dev", "eth0", "nodad")
     lab.ip(server, "addr", "add", "fd00:78::1/64", "dev", "eth1")
     lab.ip(server, "addr", "add", "fd00:79::1/64", "dev", "eth2", "nodad")
+    lab.ip(server, "addr", "add", "fd00:7a::1/64", "dev", "eth3", "optimistic")
     for ifname, address in (("eth0", "10.77.0.1/24"), ("eth2", "10.77.2.1/24")):
         lab.ip(server, "addr", "add", address, "dev", ifname)
     link_local = lab.link_local(server, "eth0")
     assert any(flags & 0x40 for _a, flags in lab.ipv6_addresses(server, "eth1"))
+    assert [flags & 0x44 for _a, flags in lab.ipv6_addresses(server, "eth3")] == [0x44]
 
     def found(family: str, interface: str = "") -> dict[str, list[str]]:
         peer = lab.spawn(server, [PYTHON, "-c", FIND_LINKS, str(REPO), family, interface],
                          "find_links")
         return peer.wait_for(lambda e: e["event"] == "links", 10)["links"]
 
-    assert found("ipv6") == {"eth0": [link_local, "fd00:77::1"]}
+    assert found("ipv6") == {"eth0": [link_local, "fd00:77::1"], "eth3": ["fd00:7a::1"]}
     assert found("ipv4") == {"eth0": ["10.77.0.1"]}
     assert found("ipv6", "eth2") == {}
     assert found("ipv6", "lo") == {}

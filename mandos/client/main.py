@@ -11,6 +11,8 @@ Otherwise it keeps trying forever.
 # _signal, not signal: the wrapper module imports enum (milliseconds at
 # every boot); the handlers need only the C module.
 import _signal
+import _socket
+import _thread
 import os
 import sys
 import time
@@ -204,6 +206,10 @@ class Client:
         self.decryptor = None
         self.interfaces = None
         self.used_interfaces: list[str] = []
+        # Interfaces whose link-local address finished duplicate detection;
+        # the lock serialises the wait among concurrent attempts.
+        self._settled: set[int] = set()
+        self._settling = _thread.allocate_lock()
         self.device = ""
         self.ifindex = 0
         # The environment as started, for hooks (see original_environment).
@@ -240,7 +246,7 @@ class Client:
             if server.is_link_local() and self.ifindex:
                 # Connecting from a tentative address fails; the original
                 # then waits a whole --retry.  Wait for the address instead.
-                self.interfaces.wait_link_local(self.ifindex, max(self.opts.delay, 5.0))
+                self._wait_settled(self.ifindex)
             return self._direct_mode(server)
         self._ensure_credentials()
         return self._zeroconf_mode(used)
@@ -268,7 +274,9 @@ class Client:
         from mandos import discovery
         from mandos.client import zeroconf_mode
         for name in used:
-            # mDNS needs a usable (not tentative) link-local source address.
+            # mDNS needs a usable (not tentative) link-local source address;
+            # an optimistic one will do: browsing starts while duplicate
+            # detection runs, and connections wait for its end (_fetch).
             self.interfaces.wait_link_local(self.interfaces.index_of(name),
                                             max(self.opts.delay, 5.0))
         self.signals.check()
@@ -292,9 +300,24 @@ class Client:
         log.debug("Password written")
         return 0
 
+    def _wait_settled(self, ifindex: int, should_stop=None) -> None:
+        """Before connecting over ``ifindex``: wait for its link-local address
+        to finish duplicate detection (see netif.wait_link_local), once."""
+        with self._settling:
+            if ifindex in self._settled or self.interfaces is None:
+                return
+            if self.interfaces.wait_link_local(ifindex, max(self.opts.delay, 5.0),
+                                               settled=True, should_stop=should_stop):
+                self._settled.add(ifindex)
+
     def _fetch(self, server) -> bytes | None:
         """One concurrent Zeroconf-mode attempt: the encrypted secret, or None."""
         from mandos.client import attempt, route, zeroconf_mode
+        if server.family == _socket.AF_INET6 and server.ifindex:
+            self._wait_settled(server.ifindex, should_stop=lambda: bool(
+                self.signals.received) or zeroconf_mode.abandoned())
+            if self.signals.received or zeroconf_mode.abandoned():
+                return None
         log.debug("Connecting to %s", server)
         try:
             with route.connect_with_route(

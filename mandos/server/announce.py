@@ -66,6 +66,7 @@ _IFF_LOOPBACK = 0x8
 _IFF_POINTOPOINT = 0x10
 _IFF_MULTICAST = 0x1000
 # IPv6 address flags as /proc/net/if_inet6 shows them (<linux/if_addr.h>).
+_IFA_F_OPTIMISTIC = 0x04
 _IFA_F_DADFAILED = 0x08
 _IFA_F_DEPRECATED = 0x20
 _IFA_F_TENTATIVE = 0x40
@@ -171,16 +172,21 @@ def find_links(use_ipv6: bool = True, interface: str | None = None) -> dict[int,
     """The interfaces to publish on, by index, with their addresses.
 
     Only interfaces that are up and multicast-capable count, and only
-    addresses usable now (IPv6 addresses that are still tentative, or whose
-    duplicate-address detection failed, are left for a later look).  With
-    ``interface`` set, only that interface is considered.
+    addresses usable now: IPv6 addresses that are still tentative, or whose
+    duplicate-address detection failed, are left for a later look, except
+    optimistic ones (RFC 4429), which may be used while detection runs;
+    mandos-client makes the link-local address of an interface it brings up
+    optimistic, and so browses at once instead of a second or two later.
+    With ``interface`` set, only that interface is considered.
     """
     owners: dict[str, set[int]] = {}
     per_link: dict[int, tuple[str, list[tuple[tuple[int, ...], str]]]] = {}
     if use_ipv6:
         for position, (name, index, address, flags) in enumerate(_ipv6_addresses()):
             owners.setdefault(address, set()).add(index)
-            if flags & (_IFA_F_TENTATIVE | _IFA_F_DADFAILED):
+            if flags & _IFA_F_DADFAILED:
+                continue
+            if flags & _IFA_F_TENTATIVE and not flags & _IFA_F_OPTIMISTIC:
                 continue
             link_local = ipaddress.IPv6Address(address).is_link_local
             # Link-local first, deprecated last, otherwise the kernel's order.

@@ -223,6 +223,12 @@ def test_our_client_unlocks_from_our_server(lab, keys, section, hooks, interface
     log = run.log(400)
     assert "Took interface eth0 up" in log
     assert "Zeroconf: browsing on eth0 (IPv6)" in log
+    # Browsing starts on the optimistic address, while duplicate detection
+    # runs; the connection waits for its end (a peer cannot resolve an
+    # address under detection, so connecting earlier stalls).
+    browsing = log.index("Zeroconf: browsing on eth0 (IPv6)")
+    settled = log.index("(duplicate detection over)")
+    assert browsing < settled < log.index("Connecting to [fe80:")
     server_address = server.link_local("eth0")
     assert re.search(rf"found at \[{re.escape(server_address)}%\d+\]:{PORT}", log), log
     assert "Sending secret to bootclient" in served.output()
