@@ -8,8 +8,8 @@ that signal after the end sequence, even if the password was written.
 Otherwise it keeps trying forever.
 """
 
-# _signal, not signal: the wrapper module imports enum (milliseconds at
-# every boot); the handlers need only the C module.
+# The C modules, not their Python wrappers signal, socket and threading,
+# which import enum, selectors and more: milliseconds at every boot.
 import _signal
 import _socket
 import _thread
@@ -245,7 +245,8 @@ class Client:
             server = parse_connect(self.opts.connect, self.ifindex)
             if server.is_link_local() and self.ifindex:
                 # Connecting from a tentative address fails; the original
-                # then waits a whole --retry.  Wait for the address instead.
+                # then waits a whole --retry.  Wait for the end of duplicate
+                # address detection instead.
                 self._wait_settled(self.ifindex)
             return self._direct_mode(server)
         self._ensure_credentials()
