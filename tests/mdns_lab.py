@@ -5,6 +5,13 @@ A ``Lab`` makes "hosts" (one network namespace each) and plugs them into
 one of those namespaces (``ip netns exec``) whose stdout JSON lines become
 events.  Everything is deleted again by ``Lab.close()``; nothing is ever
 sent on the host's real interfaces.
+
+The programs run in those namespaces by more than one test module live
+here too: our server's announcer alone (``ANNOUNCER``), a packet capture
+(``CAPTURE``) and the files and wrapper for a namespace-private
+avahi-daemon (``AVAHI_CONF``, ``AVAHI_SERVICE``, ``AVAHI_WRAPPER``).
+tests/e2e/netns.py uses them as well, also from the benchmarks: hence
+pytest is imported only where a test is failed.
 """
 
 from __future__ import annotations
@@ -22,10 +29,176 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Self
+from typing import Any, Callable, Iterable, Iterator, Self
 
-import pytest
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = "/usr/bin/python3"  # Debian's, with python3-zeroconf
 
+# --------------------------------------------------------------------------
+# Programs run inside the namespaces.  Each prints JSON lines on stdout.
+
+# Our server's announcer alone: argv[1] is the repository, argv[2] the
+# options (JSON: see announcer_argv); nothing listens on the port.
+ANNOUNCER = r"""
+import asyncio, json, logging, signal, sys
+sys.path.insert(0, sys.argv[1])
+from mandos.server.announce import Announcer
+options = json.loads(sys.argv[2])
+logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
+
+def emit(event, **fields):
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+async def main():
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    announcer = Announcer(options["name"], options["port"], use_ipv6=options["ipv6"],
+                          interface=options["interface"],
+                          on_rename=lambda name: emit("renamed", name=name),
+                          rescan_interval=options["rescan"])
+    await announcer.start()
+    emit("started", name=announcer.name, links=[link.name for link in announcer.links])
+    await stop.wait()
+    await announcer.stop()
+    emit("stopped")
+
+asyncio.run(main())
+"""
+
+
+def announcer_argv(name: str, port: int, *, ipv6: bool = True, interface: str | None = None,
+                   rescan: float = 0.3) -> list[str]:
+    """The command line of ``ANNOUNCER``: events "started" (name, links), "renamed", "stopped"."""
+    options = {"name": name, "port": port, "ipv6": ipv6, "interface": interface,
+               "rescan": rescan}
+    return [PYTHON, "-c", ANNOUNCER, str(REPO), json.dumps(options)]
+
+
+# The multicast DNS packets seen on one interface (argv[1]), over IPv6 and
+# IPv4: an event "packet" each, with the answer records as [name, type]
+# or, with "details", as a dict with ttl and data; with "questions", the
+# questions as [name, type] too (options in argv[2], JSON).
+CAPTURE = r"""
+import json, select, signal, socket, struct, sys
+from zeroconf import DNSIncoming
+ifname = sys.argv[1]
+options = json.loads(sys.argv[2])
+index = socket.if_nametoindex(ifname)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+def listener(family, group):
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(("::", 5353))
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
+                        socket.inet_pton(family, group) + struct.pack("@I", index))
+    else:
+        sock.bind(("0.0.0.0", 5353))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                        socket.inet_aton(group) + socket.inet_aton("0.0.0.0")
+                        + struct.pack("@i", index))
+    return sock
+
+def describe(record):
+    if not options["details"]:
+        return [record.name, record.type]
+    data = None
+    if record.type in (1, 28):
+        data = socket.inet_ntop(socket.AF_INET if record.type == 1 else socket.AF_INET6,
+                                record.address)
+    elif record.type == 12:
+        data = record.alias
+    elif record.type == 33:
+        data = [record.server, record.port]
+    elif record.type == 16:
+        data = record.text.hex()
+    elif record.type == 47:
+        data = sorted(record.rdtypes)
+    return {"name": record.name, "type": record.type, "ttl": record.ttl, "data": data}
+
+sockets = {listener(socket.AF_INET6, "ff02::fb"): 6, listener(socket.AF_INET, "224.0.0.251"): 4}
+print(json.dumps({"event": "ready"}), flush=True)
+while True:
+    for sock in select.select(list(sockets), [], [])[0]:
+        data, source = sock.recvfrom(9000)
+        message = DNSIncoming(data)
+        packet = {"event": "packet", "family": sockets[sock], "source": source[0],
+                  "response": message.is_response()}
+        if options["questions"]:
+            packet["questions"] = [[q.name, q.type] for q in message.questions]
+        packet["records"] = [describe(r) for r in message.answers]
+        print(json.dumps(packet), flush=True)
+"""
+
+# avahi-daemon as the original Mandos server drives it: service "Mandos",
+# type _mandos._tcp, empty TXT list.  A static service file says the same
+# as the original's D-Bus AddService call.
+AVAHI_CONF = """\
+[server]
+use-ipv4=yes
+use-ipv6=yes
+allow-interfaces={interfaces}
+enable-dbus={dbus}
+ratelimit-interval-usec=1000000
+ratelimit-burst=1000
+[wide-area]
+enable-wide-area=no
+[publish]
+publish-hinfo=no
+publish-workstation=no
+[reflector]
+[rlimits]
+"""
+AVAHI_SERVICE = """\
+<?xml version="1.0" standalone='no'?>
+<!DOCTYPE service-group SYSTEM "avahi-service.dtd">
+<service-group>
+  <name>{name}</name>
+  <service protocol="{protocol}">
+    <type>_mandos._tcp</type>
+    <port>{port}</port>
+  </service>
+</service-group>
+"""
+# The daemon's run-time folder and its services folder made private to it:
+# a tmpfs on /run and a bind mount on /etc/avahi/services, in a mount
+# namespace of its own (``unshare --mount sh -c AVAHI_WRAPPER avahi
+# SERVICES CONFIG``), so nothing of the host's is used or changed.
+AVAHI_WRAPPER = """\
+set -e
+mount -t tmpfs tmpfs /run
+mkdir -p /run/avahi-daemon
+mount --bind "$1" /etc/avahi/services
+exec avahi-daemon --no-chroot --no-rlimits --file="$2"
+"""
+
+
+def write_avahi_files(folder: Path, interfaces: str,
+                      services: Iterable[tuple[str, int, str]] = (), *,
+                      dbus: bool = False) -> tuple[Path, Path]:
+    """avahi-daemon's configuration and services folder, made in ``folder``.
+
+    The daemon uses ``interfaces`` only, and its D-Bus API if ``dbus``;
+    the services folder holds a static service file per (name, port,
+    protocol) in ``services``, protocol "ipv6", "ipv4" or "any".  Returns
+    (configuration file, services folder).
+    """
+    services_folder = folder / "services"
+    services_folder.mkdir(exist_ok=True)
+    for number, (name, port, protocol) in enumerate(services):
+        (services_folder / f"mandos{number}.service").write_text(
+            AVAHI_SERVICE.format(name=name, port=port, protocol=protocol))
+    config = folder / "avahi-daemon.conf"
+    config.write_text(AVAHI_CONF.format(interfaces=interfaces, dbus="yes" if dbus else "no"))
+    return config, services_folder
+
+
+# --------------------------------------------------------------------------
+# Processes and namespaces.
 
 class Peer:
     """A process in a namespace; its stdout JSON lines become events."""
@@ -139,6 +312,7 @@ class Peer:
 def require_namespaces(failure: str) -> None:
     """Fail the test with ``failure`` unless network namespaces can be made."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
+        import pytest
         pytest.fail(failure)
 
 
@@ -150,6 +324,8 @@ class Lab:
     """
 
     _ids = itertools.count()
+    capture_questions = False
+    capture_details = False
 
     def __init__(self, prefix: str) -> None:
         self.prefix = f"{prefix}-{os.getpid()}-{next(self._ids)}"
@@ -190,6 +366,7 @@ class Lab:
         try:
             self.run("ip", "netns", "add", name)
         except RuntimeError as error:
+            import pytest
             pytest.fail(f"cannot create network namespace {name} (root and iproute2 are "
                         f"needed for the Zeroconf tests): {error}")
         self.namespaces.append(name)
@@ -252,6 +429,18 @@ class Lab:
         self.peers.append(peer)
         return peer
 
+    def capture(self, namespace: str, ifname: str) -> Peer:
+        """``CAPTURE`` on ``ifname`` in ``namespace``, ready when returned.
+
+        It reports questions if the class's ``capture_questions`` is true,
+        and records in detail if its ``capture_details`` is.
+        """
+        options = {"questions": self.capture_questions, "details": self.capture_details}
+        peer = self.spawn(namespace, [PYTHON, "-c", CAPTURE, ifname, json.dumps(options)],
+                          f"capture in {namespace}")
+        peer.wait_for(lambda e: e["event"] == "ready", 10, "readiness")
+        return peer
+
     def close(self) -> None:
         """Terminate the peers, then delete the namespaces and the folders."""
         try:
@@ -262,6 +451,16 @@ class Lab:
                 subprocess.run(["ip", "netns", "del", name], capture_output=True)
             for folder in self.folders:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def lab_fixture(kind: type[Lab], prefix: str, failure: str) -> Iterator[Lab]:
+    """The body of a ``lab`` fixture: a ``kind`` lab, always closed afterwards.
+
+    The test fails with ``failure`` if network namespaces cannot be made.
+    """
+    require_namespaces(failure)
+    with kind(prefix) as instance:
+        yield instance
 
 
 def one_link(lab: Lab, *, ipv4: bool = False) -> tuple[str, str, str]:

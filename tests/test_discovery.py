@@ -22,10 +22,9 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from mandos.discovery import Browser, DiscoveryError, _order
-from mdns_lab import Lab, Peer, one_link, require_namespaces
+from mdns_lab import (AVAHI_WRAPPER, PYTHON, REPO, Lab, Peer, announcer_argv, lab_fixture,
+                      one_link, write_avahi_files)
 
-REPO = Path(__file__).resolve().parent.parent
-PYTHON = "/usr/bin/python3"  # Debian's, with python3-zeroconf
 SERVICE_TYPE = "_mandos._tcp.local."
 TYPE_PTR, TYPE_SRV, TYPE_TXT, TYPE_A, TYPE_AAAA = 12, 33, 16, 1, 28
 
@@ -63,110 +62,14 @@ emit("closed", alive=browser._thread.is_alive(), failed=repr(browser.failed),
      threads=sorted(t.name for t in threading.enumerate()))
 """
 
-ANNOUNCER = r"""
-import asyncio, json, signal, sys
-sys.path.insert(0, sys.argv[1])
-from mandos.server.announce import Announcer
-options = json.loads(sys.argv[2])
-
-async def main():
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    announcer = Announcer(options["name"], options["port"], use_ipv6=options["ipv6"],
-                          rescan_interval=0.3)
-    await announcer.start()
-    print(json.dumps({"event": "started", "name": announcer.name}), flush=True)
-    await stop.wait()
-    await announcer.stop()
-    print(json.dumps({"event": "stopped"}), flush=True)
-
-asyncio.run(main())
-"""
-
-CAPTURE = r"""
-import json, select, signal, socket, struct, sys
-from zeroconf import DNSIncoming
-ifname = sys.argv[1]
-index = socket.if_nametoindex(ifname)
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-
-def listener(family, group):
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(("::", 5353))
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
-                        socket.inet_pton(family, group) + struct.pack("@I", index))
-    else:
-        sock.bind(("0.0.0.0", 5353))
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
-                        socket.inet_aton(group) + socket.inet_aton("0.0.0.0")
-                        + struct.pack("@i", index))
-    return sock
-
-sockets = {listener(socket.AF_INET6, "ff02::fb"): 6, listener(socket.AF_INET, "224.0.0.251"): 4}
-print(json.dumps({"event": "ready"}), flush=True)
-while True:
-    for sock in select.select(list(sockets), [], [])[0]:
-        data, source = sock.recvfrom(9000)
-        message = DNSIncoming(data)
-        print(json.dumps({
-            "event": "packet", "family": sockets[sock], "source": source[0],
-            "response": message.is_response(),
-            "questions": [[q.name, q.type] for q in message.questions],
-            "records": [[r.name, r.type] for r in message.answers]}), flush=True)
-"""
-
-# avahi-daemon as the original Mandos server drives it: service "Mandos",
-# type _mandos._tcp, IPv6 only, empty TXT list.  A static service file says
-# the same as the original's D-Bus AddService call.
-AVAHI_CONF = """\
-[server]
-use-ipv4=yes
-use-ipv6=yes
-allow-interfaces={interface}
-enable-dbus=no
-ratelimit-interval-usec=1000000
-ratelimit-burst=1000
-[wide-area]
-enable-wide-area=no
-[publish]
-publish-hinfo=no
-publish-workstation=no
-[reflector]
-[rlimits]
-"""
-AVAHI_SERVICE = """\
-<?xml version="1.0" standalone='no'?>
-<!DOCTYPE service-group SYSTEM "avahi-service.dtd">
-<service-group>
-  <name>{name}</name>
-  <service protocol="ipv6">
-    <type>_mandos._tcp</type>
-    <port>{port}</port>
-  </service>
-</service-group>
-"""
-# The daemon's run-time folder and its services folder are made private to
-# it: a tmpfs on /run and a bind mount on /etc/avahi/services, in a mount
-# namespace of its own, so nothing of the host's is used or changed.
-AVAHI_WRAPPER = """\
-set -e
-mount -t tmpfs tmpfs /run
-mkdir -p /run/avahi-daemon
-mount --bind "$1" /etc/avahi/services
-exec avahi-daemon --no-chroot --no-rlimits --file="$2"
-"""
-
 
 # --------------------------------------------------------------------------
 # Namespaces and processes: this module's programs in the lab of mdns_lab.
 
 class DiscoveryLab(Lab):
     """The lab with the browser under test, announcers and a packet capture."""
+
+    capture_questions = True  # the browser's queries are what is looked at
 
     def browser(self, namespace: str, *, interfaces: list[str | int] | None = None,
                 ipv6: bool = True, ipv4: bool = True) -> Peer:
@@ -185,39 +88,28 @@ class DiscoveryLab(Lab):
         server machines would: two servers under one name would answer for
         each other's address records.
         """
-        options = {"name": name, "port": port, "ipv6": ipv6}
         peer = self.spawn(namespace, ["unshare", "--uts", "sh", "-c",
                                       'hostname "$0" && exec "$@"', hostname,
-                                      PYTHON, "-c", ANNOUNCER, str(REPO), json.dumps(options)],
+                                      *announcer_argv(name, port, ipv6=ipv6)],
                           f"announcer in {namespace}")
         peer.wait_for(lambda e: e["event"] == "started", 15, "start")
         return peer
 
     def avahi(self, namespace: str, interface: str, *, name: str, port: int) -> Peer:
-        """A namespace-private avahi-daemon publishing a Mandos service."""
+        """A namespace-private avahi-daemon publishing a Mandos service over IPv6."""
         folder = Path(tempfile.mkdtemp(prefix="mandos-avahi-"))
         self.folders.append(folder)
-        services = folder / "services"
-        services.mkdir()
-        (services / "mandos.service").write_text(AVAHI_SERVICE.format(name=name, port=port))
-        config = folder / "avahi-daemon.conf"
-        config.write_text(AVAHI_CONF.format(interface=interface))
+        config, services = write_avahi_files(folder, interface, [(name, port, "ipv6")])
         return self.spawn(namespace, ["unshare", "--mount", "sh", "-c", AVAHI_WRAPPER,
                                       "avahi", str(services), str(config)],
                           f"avahi-daemon in {namespace}")
-
-    def capture(self, namespace: str, ifname: str) -> Peer:
-        peer = self.spawn(namespace, [PYTHON, "-c", CAPTURE, ifname], f"capture in {namespace}")
-        peer.wait_for(lambda e: e["event"] == "ready", 10, "readiness")
-        return peer
 
 
 @pytest.fixture
 def lab() -> Iterator[DiscoveryLab]:
     """A fresh set of namespaces, always deleted afterwards."""
-    require_namespaces("the discovery tests need root and iproute2 to create network namespaces")
-    with DiscoveryLab("mandos-disc") as instance:
-        yield instance
+    yield from lab_fixture(DiscoveryLab, "mandos-disc", "the discovery tests need root and "
+                           "iproute2 to create network namespaces")
 
 
 def is_found(**expected: Any) -> Callable[[dict[str, Any]], bool]:

@@ -14,7 +14,6 @@ peer, to show it discovers the announcement.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -30,10 +29,8 @@ import pytest
 from zeroconf import NonUniqueNameException
 
 from mandos.server.announce import (AnnounceError, Announcer, Link, alternative_name)
-from mdns_lab import Lab, Peer, one_link, require_namespaces
+from mdns_lab import PYTHON, REPO, Lab, Peer, announcer_argv, lab_fixture, one_link
 
-REPO = Path(__file__).resolve().parent.parent
-PYTHON = "/usr/bin/python3"  # Debian's, with python3-zeroconf
 SERVICE_TYPE = "_mandos._tcp.local."
 HOST = socket.gethostname().split(".", 1)[0] + ".local."
 TYPE_A, TYPE_PTR, TYPE_TXT, TYPE_AAAA, TYPE_SRV, TYPE_NSEC = 1, 12, 16, 28, 33, 47
@@ -41,32 +38,6 @@ RESCAN = 0.3  # seconds; the announcers under test look at interfaces this often
 
 # --------------------------------------------------------------------------
 # Programs run inside the namespaces.  Each prints JSON lines on stdout.
-
-ANNOUNCER = r"""
-import asyncio, json, logging, signal, sys
-sys.path.insert(0, sys.argv[1])
-from mandos.server.announce import Announcer
-options = json.loads(sys.argv[2])
-logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
-
-def emit(event, **fields):
-    print(json.dumps({"event": event, **fields}), flush=True)
-
-async def main():
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    announcer = Announcer(options["name"], options["port"], use_ipv6=options["ipv6"],
-                          interface=options["interface"],
-                          on_rename=lambda name: emit("renamed", name=name),
-                          rescan_interval=options["rescan"])
-    await announcer.start()
-    emit("started", name=announcer.name, links=[link.name for link in announcer.links])
-    await stop.wait()
-    await announcer.stop()
-    emit("stopped")
-
-asyncio.run(main())
-"""
 
 BROWSER = r"""
 import asyncio, json, signal
@@ -107,55 +78,6 @@ async def main():
 asyncio.run(main())
 """
 
-CAPTURE = r"""
-import json, select, signal, socket, struct, sys
-from zeroconf import DNSIncoming
-ifname = sys.argv[1]
-index = socket.if_nametoindex(ifname)
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-
-def listener(family, group):
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
-    if family == socket.AF_INET6:
-        sock.bind(("::", 5353))
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
-                        socket.inet_pton(family, group) + struct.pack("@I", index))
-    else:
-        sock.bind(("0.0.0.0", 5353))
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
-                        socket.inet_aton(group) + socket.inet_aton("0.0.0.0")
-                        + struct.pack("@i", index))
-    return sock
-
-def describe(record):
-    data = None
-    if record.type in (1, 28):
-        data = socket.inet_ntop(socket.AF_INET if record.type == 1 else socket.AF_INET6,
-                                record.address)
-    elif record.type == 12:
-        data = record.alias
-    elif record.type == 33:
-        data = [record.server, record.port]
-    elif record.type == 16:
-        data = record.text.hex()
-    elif record.type == 47:
-        data = sorted(record.rdtypes)
-    return {"name": record.name, "type": record.type, "ttl": record.ttl, "data": data}
-
-sockets = {listener(socket.AF_INET6, "ff02::fb"): 6, listener(socket.AF_INET, "224.0.0.251"): 4}
-print(json.dumps({"event": "ready"}), flush=True)
-while True:
-    for sock in select.select(list(sockets), [], [])[0]:
-        data, source = sock.recvfrom(9000)
-        message = DNSIncoming(data)
-        print(json.dumps({"event": "packet", "family": sockets[sock], "source": source[0],
-                          "response": message.is_response(),
-                          "records": [describe(r) for r in message.answers]}), flush=True)
-"""
-
 FIND_LINKS = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -172,12 +94,13 @@ print(json.dumps({"event": "links",
 class AnnounceLab(Lab):
     """The lab with the announcer under test, browsers and a packet capture."""
 
+    capture_details = True  # TTLs and data of the records are looked at
+
     def announcer(self, namespace: str, *, name: str = "Mandos", port: int = 4711,
                   ipv6: bool = True, interface: str | None = None,
                   wait: bool = True) -> Peer:
-        options = {"name": name, "port": port, "ipv6": ipv6, "interface": interface,
-                   "rescan": RESCAN}
-        peer = self.spawn(namespace, [PYTHON, "-c", ANNOUNCER, str(REPO), json.dumps(options)],
+        peer = self.spawn(namespace, announcer_argv(name, port, ipv6=ipv6, interface=interface,
+                                                    rescan=RESCAN),
                           f"announcer in {namespace}")
         if wait:
             peer.started = peer.wait_for(lambda e: e["event"] == "started", 15, "start")
@@ -188,18 +111,12 @@ class AnnounceLab(Lab):
         peer.wait_for(lambda e: e["event"] == "ready", 10, "readiness")
         return peer
 
-    def capture(self, namespace: str, ifname: str) -> Peer:
-        peer = self.spawn(namespace, [PYTHON, "-c", CAPTURE, ifname], f"capture in {namespace}")
-        peer.wait_for(lambda e: e["event"] == "ready", 10, "readiness")
-        return peer
-
 
 @pytest.fixture
 def lab() -> Iterator[AnnounceLab]:
     """A fresh set of namespaces, always deleted afterwards."""
-    require_namespaces("the Zeroconf tests need root and iproute2 to create network namespaces")
-    with AnnounceLab("mandos-ann") as instance:
-        yield instance
+    yield from lab_fixture(AnnounceLab, "mandos-ann", "the Zeroconf tests need root and "
+                           "iproute2 to create network namespaces")
 
 
 def resolved(name: str = "Mandos", **expected: Any) -> Callable[[dict[str, Any]], bool]:

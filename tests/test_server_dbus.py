@@ -36,7 +36,7 @@ from dbus_fast import DBusError, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from e2e.original_server import (SERVER_USER, DevLog, PrivateSystemBus, free_port,
-                                  make_world_temp, remove)
+                                  make_world_temp, remove, system_bus_config)
 from mandos.server import dbus_api
 from mandos.server.client import Client
 from mandos.server.clients_conf import ClientConfig
@@ -969,30 +969,19 @@ def test_policy_lets_root_own_and_talk_but_nobody_else(tmp_path):
     os.chmod(folder, 0o755)
     address = f"unix:path={folder}/socket"
     config = folder / "bus.conf"
-    config.write_text(textwrap.dedent(f"""\
-        <!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
-         "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-        <busconfig>
-          <type>system</type>
-          <listen>{address}</listen>
-          <auth>EXTERNAL</auth>
-          <policy context="default">
-            <allow user="*"/>
-            <deny own="*"/>
-            <deny send_type="method_call"/>
-            <allow send_type="signal"/>
-            <allow send_requested_reply="true" send_type="method_return"/>
-            <allow send_requested_reply="true" send_type="error"/>
-            <allow receive_type="method_call"/>
-            <allow receive_type="method_return"/>
-            <allow receive_type="error"/>
-            <allow receive_type="signal"/>
-            <allow send_destination="org.freedesktop.DBus"
-                   send_interface="org.freedesktop.DBus"/>
-          </policy>
-          <include>{POLICY}</include>
-        </busconfig>
-        """))
+    config.write_text(system_bus_config(address, """\
+        <deny own="*"/>
+        <deny send_type="method_call"/>
+        <allow send_type="signal"/>
+        <allow send_requested_reply="true" send_type="method_return"/>
+        <allow send_requested_reply="true" send_type="error"/>
+        <allow receive_type="method_call"/>
+        <allow receive_type="method_return"/>
+        <allow receive_type="error"/>
+        <allow receive_type="signal"/>
+        <allow send_destination="org.freedesktop.DBus"
+               send_interface="org.freedesktop.DBus"/>
+        """, f"<include>{POLICY}</include>\n"))
     daemon = subprocess.Popen(["dbus-daemon", "--nofork", "--nopidfile",
                                f"--config-file={config}", "--print-address"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)

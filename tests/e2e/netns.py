@@ -50,7 +50,8 @@ REPO = E2E.parents[1]
 sys.path.insert(0, str(E2E.parent))
 sys.path.insert(0, str(E2E))
 import peers  # noqa: E402
-from original_server import SYSTEM_BUS_CONFIG  # noqa: E402
+from mdns_lab import announcer_argv, write_avahi_files  # noqa: E402
+from original_server import system_bus_config  # noqa: E402
 from our_server import PrivateDev  # noqa: E402
 
 PYTHON = "/usr/bin/python3"  # Debian's: python3-zeroconf, python3-dbus, ...
@@ -574,45 +575,13 @@ def start_our_server(host: Host, folder: Path, clients_conf: str, *, port: int =
     return process
 
 
-BUS_CONFIG = SYSTEM_BUS_CONFIG.replace("{address}", "unix:path={socket}")
-
-AVAHI_CONF = """\
-[server]
-use-ipv4=yes
-use-ipv6=yes
-allow-interfaces={interfaces}
-enable-dbus={dbus}
-ratelimit-interval-usec=1000000
-ratelimit-burst=1000
-[wide-area]
-enable-wide-area=no
-[publish]
-publish-hinfo=no
-publish-workstation=no
-[reflector]
-[rlimits]
-"""
-
-AVAHI_SERVICE = """\
-<?xml version="1.0" standalone='no'?>
-<!DOCTYPE service-group SYSTEM "avahi-service.dtd">
-<service-group>
-  <name>{name}</name>
-  <service protocol="{protocol}">
-    <type>_mandos._tcp</type>
-    <port>{port}</port>
-  </service>
-</service-group>
-"""
-
-
 def start_system_bus(host: Host, folder: Path) -> tuple[Process, str]:
     """A private dbus-daemon of type "system" in ``host``; (process, address)."""
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o755)
     socket_path = folder / "system_bus_socket"
     config = folder / "bus.conf"
-    config.write_text(BUS_CONFIG.format(socket=socket_path))
+    config.write_text(system_bus_config(f"unix:path={socket_path}"))
     process = host.spawn(["dbus-daemon", "--nofork", "--nopidfile",
                           f"--config-file={config}"], "dbus-daemon", log=folder / "bus.log")
     deadline = time.monotonic() + 15
@@ -636,14 +605,7 @@ def start_avahi(host: Host, folder: Path, interfaces: str, *, bus: str | None = 
     if shutil.which("avahi-daemon") is None:
         raise RuntimeError("avahi-daemon is not installed (Debian package avahi-daemon)")
     folder.mkdir(parents=True, exist_ok=True)
-    service_dir = folder / "services"
-    service_dir.mkdir(exist_ok=True)
-    for number, (name, port, protocol) in enumerate(services):
-        (service_dir / f"mandos{number}.service").write_text(
-            AVAHI_SERVICE.format(name=name, port=port, protocol=protocol))
-    config = folder / "avahi-daemon.conf"
-    config.write_text(AVAHI_CONF.format(interfaces=interfaces,
-                                        dbus="yes" if bus else "no"))
+    config, service_dir = write_avahi_files(folder, interfaces, services, dbus=bool(bus))
     env = {k: v for k, v in os.environ.items() if k != "DBUS_SYSTEM_BUS_ADDRESS"}
     if bus:
         env["DBUS_SYSTEM_BUS_ADDRESS"] = bus
@@ -685,33 +647,13 @@ def start_original_server(host: Host, folder: Path, clients_conf: str, bus: str,
     return process
 
 
-ANNOUNCER = r"""
-import asyncio, signal, sys
-sys.path.insert(0, sys.argv[1])
-from mandos.server.announce import Announcer
-
-async def main():
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    announcer = Announcer(sys.argv[2], int(sys.argv[3]), use_ipv6=sys.argv[4] == "6",
-                          rescan_interval=0.3)
-    await announcer.start()
-    print("announcing as", announcer.name, flush=True)
-    await stop.wait()
-    await announcer.stop()
-
-asyncio.run(main())
-"""
-
-
 def start_announcer(host: Host, folder: Path, name: str, port: int, *,
                     ipv6: bool = True) -> Process:
     """Our server's Announcer alone: a Mandos service on ``port`` (nothing listens)."""
     folder.mkdir(parents=True, exist_ok=True)
-    process = host.spawn([PYTHON, "-c", ANNOUNCER, str(REPO), name, str(port),
-                          "6" if ipv6 else "4"], "announcer", log=folder / "announcer.log",
-                         hostname=host.hostname)
-    process.wait_for_output(r"announcing as", 20)
+    process = host.spawn(announcer_argv(name, port, ipv6=ipv6), "announcer",
+                         log=folder / "announcer.log", hostname=host.hostname)
+    process.wait_for_output(r'"event": "started"', 20)
     return process
 
 

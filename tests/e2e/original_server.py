@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -69,7 +70,9 @@ class DevLog:
                 pass
 
 
-# A dbus-daemon of type "system" that lets everyone do everything (tests only).
+# A dbus-daemon of type "system": its default policy allows any user to
+# connect, then ``rules`` (elements of <policy context="default">) and
+# ``extra`` (further elements of <busconfig>, e.g. an <include>) apply.
 SYSTEM_BUS_CONFIG = """\
 <!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -79,18 +82,32 @@ SYSTEM_BUS_CONFIG = """\
   <auth>EXTERNAL</auth>
   <policy context="default">
     <allow user="*"/>
-    <allow own="*"/>
-    <allow send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_type="method_return"/>
-    <allow send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="signal"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-  </policy>
-</busconfig>
+{rules}  </policy>
+{extra}</busconfig>
 """
+# Everyone may do everything (tests only).
+ALLOW_EVERYTHING = """\
+<allow own="*"/>
+<allow send_type="method_call"/>
+<allow send_type="signal"/>
+<allow send_type="method_return"/>
+<allow send_type="error"/>
+<allow receive_type="method_call"/>
+<allow receive_type="signal"/>
+<allow receive_type="method_return"/>
+<allow receive_type="error"/>
+"""
+
+
+def system_bus_config(address: str, rules: str = ALLOW_EVERYTHING, extra: str = "") -> str:
+    """The configuration file of a system bus listening on ``address``.
+
+    ``rules`` and ``extra`` are XML elements, one a line, at any common
+    indentation.
+    """
+    return SYSTEM_BUS_CONFIG.format(
+        address=address, rules=textwrap.indent(textwrap.dedent(rules), "    "),
+        extra=textwrap.indent(textwrap.dedent(extra), "  "))
 
 
 class PrivateSystemBus:
@@ -103,7 +120,7 @@ class PrivateSystemBus:
 
     def __enter__(self) -> "PrivateSystemBus":
         config = self.folder / "bus.conf"
-        config.write_text(SYSTEM_BUS_CONFIG.format(address=self.address))
+        config.write_text(system_bus_config(self.address))
         self.process = subprocess.Popen(
             ["dbus-daemon", "--nofork", "--nopidfile", f"--config-file={config}",
              "--print-address"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

@@ -21,6 +21,7 @@ import pytest
 import peers
 from original_server import (OriginalServer, clients_conf_section, make_world_temp,
                              original_keygen, remove)
+from test_server_e2e import folder_and_passfile
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -62,18 +63,7 @@ def parse_section(text: str) -> configparser.SectionProxy:
     return parser[name]
 
 
-@pytest.fixture(scope="module")
-def workdir():
-    path = make_world_temp("mandos-keygen-interop-")
-    yield path
-    remove(path)
-
-
-@pytest.fixture(scope="module")
-def passfile(workdir) -> Path:
-    path = workdir / "passfile"
-    path.write_bytes(PASSPHRASE)
-    return path
+workdir, passfile = folder_and_passfile("workdir", "mandos-keygen-interop-", PASSPHRASE)
 
 
 @pytest.fixture(scope="module")

@@ -76,18 +76,29 @@ def our_keygen(*args: str) -> str:
     return result.stdout.decode()
 
 
-@pytest.fixture(scope="module")
-def keydir():
-    path = make_world_temp("mandos-e2e-keys-")
-    yield path
-    remove(path)
+def folder_and_passfile(name: str, prefix: str, passphrase: bytes):
+    """Two module-scoped fixtures, to be assigned to ``name`` and ``passfile``.
+
+    ``name``: a folder from ``make_world_temp(prefix)``, removed afterwards;
+    ``passfile``: a file "passfile" in it holding ``passphrase``.
+    """
+
+    @pytest.fixture(scope="module", name=name)
+    def folder_fixture():
+        path = make_world_temp(prefix)
+        yield path
+        remove(path)
+
+    @pytest.fixture(scope="module", name="passfile")
+    def passfile_fixture(request) -> Path:
+        path = request.getfixturevalue(name) / "passfile"
+        path.write_bytes(passphrase)
+        return path
+
+    return folder_fixture, passfile_fixture
 
 
-@pytest.fixture(scope="module")
-def passfile(keydir) -> Path:
-    path = keydir / "passfile"
-    path.write_bytes(PASSWORD)
-    return path
+keydir, passfile = folder_and_passfile("keydir", "mandos-e2e-keys-", PASSWORD)
 
 
 @pytest.fixture(scope="module")
