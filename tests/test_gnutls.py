@@ -532,17 +532,18 @@ def test_handshake_timeout_with_silent_peer(blocking, server_creds):
     assert 0.25 <= elapsed < 3
 
 
+def _handshake_then_silence(client_creds, sock, done: threading.Event) -> None:
+    """A peer that shakes hands and then sends nothing until ``done``."""
+    with open_session(Role.CLIENT, client_creds, sock) as session:
+        session.handshake()
+        done.wait(3 * T)
+
+
 def test_read_timeout_with_silent_peer(server_creds, client_creds, pool):
     a, b = socket.socketpair()
     done = threading.Event()
-
-    def handshake_then_silence():
-        with open_session(Role.CLIENT, client_creds, b) as session:
-            session.handshake()
-            done.wait(3 * T)
-
     with a, b:
-        peer = pool.submit(handshake_then_silence)
+        peer = pool.submit(_handshake_then_silence, client_creds, b, done)
         try:
             with open_session(Role.SERVER, server_creds, a) as session:
                 session.handshake()
@@ -730,14 +731,8 @@ def test_bye_rdwr_waits_for_the_peers_close_notify(server_creds,
                                                     client_creds, pool):
     a, b = socket.socketpair()
     done = threading.Event()
-
-    def handshake_then_silence():
-        with open_session(Role.CLIENT, client_creds, b) as session:
-            session.handshake()
-            done.wait(3 * T)
-
     with a, b:
-        peer = pool.submit(handshake_then_silence)
+        peer = pool.submit(_handshake_then_silence, client_creds, b, done)
         try:
             with open_session(Role.SERVER, server_creds, a) as session:
                 session.handshake()

@@ -192,30 +192,16 @@ def test_cancellation_reaps_the_shell(tmp_path):
         psutil.Process(pgid).status()  # not even a zombie of ours
 
 
-def test_group_ignoring_sigterm_gets_sigkill_after_the_delay(tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", [
+    "trap '' TERM; echo $$ > {pid_file}; sleep 100 & sleep 100; wait",
+    "(trap '' TERM; sleep 100) & echo $$ > {pid_file}; sleep 100; wait",
+], ids=["group ignoring SIGTERM", "member ignoring SIGTERM after the shell died"])
+def test_group_ignoring_sigterm_gets_sigkill_after_the_delay(tmp_path, monkeypatch, command):
     monkeypatch.setattr(checker, "KILL_DELAY", 0.5)
     pid_file = tmp_path / "pid"
 
     async def scenario() -> tuple[int, float]:
-        task = asyncio.ensure_future(run_checker(
-            f"trap '' TERM; echo $$ > {pid_file}; sleep 100 & sleep 100; wait"))
-        pgid = int(await wait_for_file(pid_file))
-        await wait_for_group(pgid, 3)
-        return pgid, await cancelled(task)
-
-    pgid, took = run(scenario())
-    assert living(pgid) == []
-    assert 0.45 <= took < 3
-
-
-def test_group_member_ignoring_sigterm_after_the_shell_died_gets_sigkill(tmp_path,
-                                                                         monkeypatch):
-    monkeypatch.setattr(checker, "KILL_DELAY", 0.5)
-    pid_file = tmp_path / "pid"
-
-    async def scenario() -> tuple[int, float]:
-        task = asyncio.ensure_future(run_checker(
-            f"(trap '' TERM; sleep 100) & echo $$ > {pid_file}; sleep 100; wait"))
+        task = asyncio.ensure_future(run_checker(command.format(pid_file=pid_file)))
         pgid = int(await wait_for_file(pid_file))
         await wait_for_group(pgid, 3)
         return pgid, await cancelled(task)

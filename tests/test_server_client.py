@@ -14,13 +14,13 @@ import random
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from mandos.server.checker import run_checker
 from mandos.server.client import Client, ClientObserver, utcnow
 from mandos.server.clients_conf import REFUSED_KEY_ID, ClientConfig
 from mandos.server.registry import ClientRegistry, ServerObserver
+from test_server_checker import living
 
 td = datetime.timedelta
 T0 = datetime.datetime(2024, 1, 2, 3, 4, 5)
@@ -526,17 +526,6 @@ def test_checker_stopped_at_once_reports_not_running():
         assert client.checker_running is False
         assert recorder.changed("checker_running") == [True, False]
     run(scenario)
-
-
-def living(pgid: int) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
-                found.append(process)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return found
 
 
 def test_disable_kills_a_real_checker_and_its_process_group(tmp_path: Path):
