@@ -350,7 +350,24 @@ def disable_debug_logging() -> None:
     _library().gnutls_global_set_log_level(0)
 
 
-class CertificateCredentials:
+class _LibraryObject:
+    """A GnuTLS object freed by ``close()``: at the end of a ``with`` block,
+    or when garbage-collected while still holding its handle."""
+
+    _handle = None  # set by subclasses; None also before their __init__ got far
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._handle is not None:
+            self.close()
+
+
+class CertificateCredentials(_LibraryObject):
     """GnuTLS certificate credentials holding no key of their own.
 
     This is what the Mandos server (the TLS client) uses: it presents no
@@ -441,16 +458,6 @@ class CertificateCredentials:
             if self._users == 0:
                 self._free_now()
 
-    def __enter__(self) -> CertificateCredentials:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_handle", None) is not None:
-            self.close()
-
 
 class RawPublicKeyCredentials(CertificateCredentials):
     """Credentials presenting an RFC 7250 raw public key (the Mandos client).
@@ -498,7 +505,7 @@ class RawPublicKeyCredentials(CertificateCredentials):
             raise _error(self._lib, function, code, extra)
 
 
-class Session:
+class Session(_LibraryObject):
     """One TLS session over a connected stream socket.
 
     ``Role.SERVER`` is the Mandos client: it presents the raw public key of
@@ -787,13 +794,3 @@ class Session:
             self._credentials._detach()
             self._credentials = None
         self._restore_socket()
-
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_handle", None) is not None:
-            self.close()
