@@ -36,6 +36,18 @@ def free_port(family: int = socket.AF_INET6) -> int:
         return sock.getsockname()[1]
 
 
+def _listening(path: str) -> bool:
+    """Whether a datagram socket at ``path`` has a reader."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return False
+        except OSError:
+            return True  # not ours to judge (a file, no permission): leave it
+    return True
+
+
 class DevLog:
     """Bind /dev/log if nothing listens there; drain and discard messages."""
 
@@ -45,7 +57,11 @@ class DevLog:
 
     def __enter__(self) -> "DevLog":
         if os.path.exists("/dev/log"):
-            return self
+            if _listening("/dev/log"):
+                return self
+            # A socket left by a killed run: nothing reads it, and the
+            # original server's syslog handler would fail on it.
+            os.unlink("/dev/log")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind("/dev/log")
         os.chmod("/dev/log", 0o666)
